@@ -1,0 +1,59 @@
+"""Terminal tables (rich): baseline vs each stage, and per-tensor artifact contents."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt_int(v: float | None) -> str:
+    return "-" if v is None else f"{int(v):,}"
+
+
+def _fmt_metric(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -> Table:
+    """One row per stage: evaluator metrics, params, nonzeros, FLOPs, bytes, ratio, latency.
+
+    ``rows[0]`` is the baseline; the ratio column is ``baseline bytes / row bytes``.
+    """
+    metric_names: list[str] = []
+    for _, m in rows:
+        metric_names += [k for k in m.get("eval", {}) if k not in metric_names]
+    table = Table(title=title or None, caption="baseline bytes: torch.save(state_dict) file; "
+                  "stage bytes: the artifact directory on disk")  # fmt: skip
+    table.add_column("stage")
+    for name in metric_names:
+        table.add_column(name, justify="right")
+    for col in ("params", "nonzeros", "FLOPs", "bytes on disk", "ratio", "latency ms"):
+        table.add_column(col, justify="right")
+    base_bytes = rows[0][1].get("bytes") if rows else None
+    for label, m in rows:
+        ev = m.get("eval", {})
+        size = m.get("bytes")
+        ratio = f"{base_bytes / size:.1f}x" if base_bytes and size else "-"
+        lat = m.get("latency_ms")
+        table.add_row(
+            label,
+            *(_fmt_metric(ev.get(k)) for k in metric_names),
+            _fmt_int(m.get("params")),
+            _fmt_int(m.get("nonzeros")),
+            _fmt_int(m.get("flops")),
+            _fmt_int(size),
+            ratio,
+            "-" if lat is None else f"{lat:.3f}",
+        )
+    return table
+
+
+def render(table: Table, width: int = 120) -> str:
+    """A rich renderable as plain text."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, highlight=False).print(table)
+    return buf.getvalue()

@@ -1,0 +1,68 @@
+"""The outcome of :func:`modelpress.compress`: the model, and what each stage did and measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from modelpress.recipe import Recipe
+from modelpress.report.tables import metrics_table, render
+
+
+@dataclass
+class StageRecord:
+    """One stage's outcome: its config, what it learned, and metrics measured after it."""
+
+    technique: str
+    config: dict[str, Any]
+    learned: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in the artifact manifest)."""
+        return {
+            "technique": self.technique,
+            "config": self.config,
+            "learned": self.learned,
+            "metrics": self.metrics,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class Result:
+    """The compressed model, the recipe, baseline metrics and one record per stage."""
+
+    model: nn.Module
+    recipe: Recipe
+    baseline: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """Metrics after the last stage."""
+        return self.stages[-1].metrics if self.stages else self.baseline
+
+    def table(self) -> str:
+        """Baseline vs each stage (accuracy, params, nonzeros, FLOPs, bytes, ratio, latency)."""
+        rows = [("baseline", self.baseline)]
+        rows += [(f"{i}. {s.technique}", s.metrics) for i, s in enumerate(self.stages, 1)]
+        return render(metrics_table(rows, title=f"recipe {self.recipe.name}"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest entries: recipe, baseline and final metrics, stages."""
+        return {
+            "recipe": self.recipe.to_dict(),
+            "metrics": {"baseline": self.baseline, "final": self.final},
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact (real packed bytes) with the recipe and metrics embedded."""
+        from modelpress.artifact import save_artifact
+
+        return save_artifact(self.model, path, extra=self.to_dict())

@@ -1,0 +1,3 @@
+"""Quantization: weights (and later activations) as low-bit integers."""
+
+from modelpress.techniques.quantization import rtn  # noqa: F401

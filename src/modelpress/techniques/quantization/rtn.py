@@ -1,0 +1,80 @@
+"""``quant.rtn``: weight-only round-to-nearest quantization with min-max ranges.
+
+Each selected weight gets an :class:`AffineFakeQuant` parametrization (see
+:mod:`~modelpress.techniques.quantization.affine` for the grid), so the model computes with
+exactly the values the artifact stores as ``bits``-bit integers. No data needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from modelpress.config import TargetedConfig
+from modelpress.context import Context
+from modelpress.errors import UnsupportedModuleError
+from modelpress.parametrizations import add_parametrization, effective_tensor, find_parametrization
+from modelpress.registry import technique
+from modelpress.targeting import select_weighted
+from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+class WeightQuantConfig(TargetedConfig):
+    """Weight quantization grid: bits, granularity, symmetry, scale storage."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"],
+        description="Modules to quantize: exact names, type names or 're:' regexes.",
+    )
+    bits: int = Field(8, ge=2, le=8, description="Bits per weight.")
+    granularity: Literal["tensor", "channel", "group"] = Field(
+        "channel", description="One scale per tensor, per output channel, or per group."
+    )
+    group_size: int | None = Field(
+        None, ge=1, description="Inputs per group (setting it implies granularity 'group')."
+    )
+    symmetric: bool = Field(False, description="Symmetric grid (zero point fixed at 2^(b-1)).")
+    scale_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="Storage dtype of the scales."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_size_implies_group(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("group_size") and "granularity" not in data:
+            return {**data, "granularity": "group"}
+        return data
+
+    @model_validator(mode="after")
+    def _group_needs_size(self) -> WeightQuantConfig:
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs 'group_size' (e.g. 128)")
+        return self
+
+
+@technique("quant.rtn", WeightQuantConfig)
+def apply_rtn(model: nn.Module, cfg: WeightQuantConfig, ctx: Context) -> nn.Module:
+    """Round weights to the nearest point of a min-max affine grid (weight-only)."""
+    selected = select_weighted(model, cfg, owner="quant.rtn", supported=QUANTIZABLE)
+    already = [n for n, m in selected if find_parametrization(m, "weight", AffineFakeQuant)]
+    if already:
+        raise UnsupportedModuleError(
+            f"{already[0]}: already quantized by an earlier stage; quant.rtn quantizes a "
+            "weight once (add it to 'ignore')."
+        )
+    for _, module in selected:
+        quantizer = AffineFakeQuant(
+            effective_tensor(module),
+            cfg.bits,
+            symmetric=cfg.symmetric,
+            granularity=cfg.granularity,
+            group_size=cfg.group_size,
+            scale_dtype=cfg.scale_dtype,
+        )
+        add_parametrization(module, "weight", quantizer)
+    ctx.report("bits", {n: cfg.bits for n, _ in selected})
+    return model
