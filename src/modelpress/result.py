@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
 from torch import nn
 
 from modelpress.recipe import Recipe
@@ -47,11 +48,15 @@ class Result:
         """Metrics after the last stage."""
         return self.stages[-1].metrics if self.stages else self.baseline
 
-    def table(self) -> str:
-        """Baseline vs each stage (accuracy, params, nonzeros, FLOPs, bytes, ratio, latency)."""
+    def rich_table(self) -> Table:
+        """Baseline vs each stage as a rich table (for a console that sizes it)."""
         rows = [("baseline", self.baseline)]
         rows += [(f"{i}. {s.technique}", s.metrics) for i, s in enumerate(self.stages, 1)]
-        return render(metrics_table(rows, title=f"recipe {self.recipe.name}"))
+        return metrics_table(rows, title=f"recipe {self.recipe.name}")
+
+    def table(self) -> str:
+        """Baseline vs each stage (accuracy, params, nonzeros, FLOPs, bytes, ratio, latency)."""
+        return render(self.rich_table())
 
     def to_dict(self) -> dict[str, Any]:
         """Manifest entries: recipe, baseline and final metrics, stages."""

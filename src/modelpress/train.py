@@ -207,3 +207,34 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def train_model(
+    model: nn.Module,
+    data: Any,
+    cfg: TrainConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    **overrides: Any,
+) -> dict[str, float]:
+    """Train a model from scratch or further, outside any recipe (e.g. a baseline).
+
+    Args:
+        model: the model, trained in place.
+        data: a :class:`~modelpress.data.DataBundle` or re-iterable labelled batches.
+        cfg: the training config; or give its fields as keyword ``overrides``.
+        seed: seeds shuffling, dropout and initialisation-free randomness.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"steps": ..., "final_loss": ..., "seconds": ...}``.
+    """
+    from modelpress.config import parse_config
+    from modelpress.data import DataBundle
+
+    if cfg is None:
+        cfg = parse_config(TrainConfig, overrides, owner="train")
+    bundle = data if isinstance(data, DataBundle) else None
+    ctx = Context(data=bundle, batches=None if bundle else data, seed=seed, progress=progress)
+    return fit(model, cfg, ctx)

@@ -107,7 +107,8 @@ def save_artifact(
             "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size,
                                 "sha256": sha256_file(tmp / TENSORS)}},
         }  # fmt: skip
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+        os.chmod(tmp, 0o755)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

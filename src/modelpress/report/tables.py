@@ -10,6 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+CAPTION = (
+    "baseline bytes: its torch.save(state_dict) file; stage bytes: the artifact directory "
+    "written after that stage (a saved artifact adds its recipe and metrics to the manifest)"
+)
+
+
 def _fmt_int(v: float | None) -> str:
     return "-" if v is None else f"{int(v):,}"
 
@@ -26,8 +32,7 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
     metric_names: list[str] = []
     for _, m in rows:
         metric_names += [k for k in m.get("eval", {}) if k not in metric_names]
-    table = Table(title=title or None, caption="baseline bytes: torch.save(state_dict) file; "
-                  "stage bytes: the artifact directory on disk")  # fmt: skip
+    table = Table(title=title or None, caption=CAPTION)
     table.add_column("stage")
     for name in metric_names:
         table.add_column(name, justify="right")

@@ -1,0 +1,206 @@
+"""The ``modelpress`` command line (typer). Every user error: exit code 2 and one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from modelpress.errors import ModelpressError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress trained PyTorch models, with measured bytes, latency and accuracy.",
+)
+out = Console()
+err = Console(stderr=True)
+if not out.is_terminal:  # piped or captured: wide enough for the stage table
+    out.width = 120
+
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Data spec: digits, mnist:DIR, npz:FILE.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for everything random.")]
+
+
+def _model_for(spec: str, bundle: Any) -> Any:
+    from modelpress.models import load_model
+
+    if spec.startswith(("zoo:", "import:")):
+        return load_model(spec, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    return load_model(spec)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to save the artifact.")] = Path(
+        "runs/demo"
+    ),
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a small MLP on scikit-learn's digits, compress it, save, reload, compare.
+
+    Example: modelpress demo
+    """
+    import modelpress as mp
+    from modelpress.measure import accuracy, directory_bytes
+    from modelpress.train import train_model
+
+    bundle = mp.load_data("digits")
+    out.print("[bold]1.[/] training zoo:mlp on digits (1,437 train / 360 held-out test images)")
+    model = _model_for("zoo:mlp", bundle)
+    train_model(model, bundle, epochs=20, lr=3e-3, seed=seed, progress=True)
+    recipe = mp.Recipe.builtin("demo")
+    out.print(f"[bold]2.[/] compressing with recipe '{recipe.name}': {recipe.description}")
+    result = mp.compress(model, recipe, data=bundle, seed=seed, progress=True)
+    out.print(result.rich_table())
+    path = result.save(out_dir)
+    reloaded = mp.load(path)
+    acc = accuracy(reloaded, bundle.loader("test", 256))
+    before = result.final["eval"]["accuracy"]
+    out.print(f"[bold]3.[/] saved {path} ({directory_bytes(path):,} bytes on disk)")
+    same = "identical" if acc == before else "DIFFERENT"
+    out.print(f"    reloaded accuracy {acc:.4f} vs in-memory {before:.4f}: {same}")
+    if acc != before:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="Model spec, e.g. zoo:lenet-300-100.")],
+    data: DataOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a model into a baseline artifact (no compression stages).
+
+    Example: modelpress train zoo:lenet-300-100 --data mnist:~/data/mnist --out runs/lenet
+    """
+    import modelpress as mp
+    from modelpress.measure import accuracy
+    from modelpress.train import train_model
+
+    bundle = mp.load_data(data)
+    net = _model_for(model, bundle)
+    summary = train_model(net, bundle, epochs=epochs, lr=lr, batch_size=batch_size,
+                          optimizer=optimizer, seed=seed, progress=True)  # fmt: skip
+    acc = accuracy(net, bundle.loader("test", 256))
+    extra = {"metrics": {"baseline": {"eval": {"accuracy": acc}}}, "training": summary}
+    path = mp.save(net, out_dir, extra=extra)
+    out.print(f"accuracy: {acc:.4f}  (test split of {data}; {summary['steps']} steps)")
+    out.print(f"saved {path}")
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="Model spec or artifact directory.")],
+    data: DataOpt,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe or YAML file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
+    seed: SeedOpt = 0,
+    latency_runs: Annotated[int, typer.Option(help="Timed runs per latency (0: skip).")] = 20,
+) -> None:
+    """Run a recipe on a model, print baseline vs each stage, save the artifact.
+
+    Example: modelpress compress runs/lenet --data mnist:~/data/mnist --recipe
+    prune-finetune-int4 --out runs/lenet-int4
+    """
+    import modelpress as mp
+
+    the_recipe = mp.Recipe.resolve(recipe)
+    bundle = mp.load_data(data)
+    net = _model_for(model, bundle)
+    result = mp.compress(net, the_recipe, data=bundle, seed=seed, latency_runs=latency_runs,
+                         progress=True)  # fmt: skip
+    out.print(result.rich_table())
+    out.print(f"saved {result.save(out_dir)}")
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Per-tensor layout, value encoding, nonzeros and bytes of an artifact.
+
+    Example: modelpress inspect runs/demo
+    """
+    from modelpress.report.inspect import inspect_table
+
+    out.print(inspect_table(path))
+
+
+@app.command(name="eval")
+def evaluate(
+    path: Annotated[str, typer.Argument(help="Artifact directory or model spec.")],
+    data: DataOpt,
+) -> None:
+    """Top-1 accuracy of a model on the held-out split of the data.
+
+    Example: modelpress eval runs/demo --data digits
+    """
+    import modelpress as mp
+    from modelpress.measure import accuracy
+
+    bundle = mp.load_data(data)
+    acc = accuracy(_model_for(path, bundle), bundle.loader("test", 256))
+    out.print(f"accuracy: {acc:.4f}")
+
+
+@app.command()
+def techniques() -> None:
+    """List registered techniques with each config field, its default and meaning.
+
+    Example: modelpress techniques
+    """
+    from modelpress.config import describe_field
+    from modelpress.registry import get_technique, technique_names
+
+    for name in technique_names():
+        spec = get_technique(name)
+        needs = f" (needs {', '.join(sorted(spec.needs))})" if spec.needs else ""
+        out.print(f"[bold]{name}[/]{needs}: {spec.summary}")
+        for field, info in spec.config_cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            out.print(f"    {field} = {default!r}: {describe_field(info)}. {info.description or ''}",
+                      highlight=False, markup=False)  # fmt: skip
+
+
+@app.command()
+def recipes(
+    show: Annotated[str | None, typer.Option(help="Print this recipe's YAML.")] = None,
+) -> None:
+    """List the built-in recipes (or print one as YAML with --show NAME).
+
+    Example: modelpress recipes --show prune-finetune-int4
+    """
+    from modelpress.recipe import Recipe, builtin_recipes
+
+    if show:
+        out.print(Recipe.builtin(show).to_yaml(), highlight=False, markup=False)
+        return
+    for name in builtin_recipes():
+        out.print(f"[bold]{name}[/]: {Recipe.builtin(name).description}")
+
+
+def main() -> None:
+    """Entry point: run the app; a modelpress error becomes one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except ModelpressError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as exc:  # typer/click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
