@@ -44,10 +44,13 @@ def demo(
 
     Example: modelpress demo
     """
+    import torch
+
     import modelpress as mp
     from modelpress.measure import accuracy, directory_bytes
     from modelpress.train import train_model
 
+    torch.set_num_threads(1)  # a 17k-parameter MLP: one thread is fastest
     bundle = mp.load_data("digits")
     out.print("[bold]1.[/] training zoo:mlp on digits (1,437 train / 360 held-out test images)")
     model = _model_for("zoo:mlp", bundle)

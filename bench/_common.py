@@ -1,0 +1,208 @@
+"""What every benchmark shares: where the data is, what machine ran it, and writing results.
+
+A benchmark calls :func:`run_info` at the start, does its work, and hands its numbers and a
+Markdown summary to :func:`write_results`, which writes ``<out>/<name>.json`` and
+``<out>/<name>.md`` (each to a temporary file first, then renamed into place). A bad input
+(a missing data folder) is a :class:`BenchError`; :func:`main_guard` turns it into one line on
+stderr and exit code 2, as the ``modelpress`` CLI does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import modelpress
+from modelpress.errors import ModelpressError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+WORK_DIR = REPO_ROOT / "bench" / "work"  # artifacts written by benchmarks; git-ignored
+
+
+class BenchError(RuntimeError):
+    """A benchmark cannot run as asked (missing data, bad option); the message is one line."""
+
+
+def data_dir(arg: str | os.PathLike[str] | None, require: str | None = None) -> Path:
+    """The data directory: ``arg``, else ``$MODELPRESS_DATA``, else ``<repo>/../shared/data``.
+
+    Args:
+        arg: the ``--data`` option as given (``None`` when not given); ``~`` is expanded.
+        require: a sub-folder the benchmark reads (e.g. ``"mnist"``) that must exist too.
+
+    Returns:
+        The resolved, existing directory.
+
+    Raises:
+        BenchError: the directory (or ``require`` inside it) does not exist.
+    """
+    if arg:
+        where, root = "--data", Path(arg).expanduser()
+    elif os.environ.get("MODELPRESS_DATA"):
+        where, root = "$MODELPRESS_DATA", Path(os.environ["MODELPRESS_DATA"]).expanduser()
+    else:
+        where, root = "the default (<repo>/../shared/data)", REPO_ROOT.parent / "shared" / "data"
+    root = root.resolve()
+    if not root.is_dir():
+        raise BenchError(
+            f"data directory {root} (from {where}) does not exist; pass --data DIR or set "
+            "MODELPRESS_DATA."
+        )
+    if require and not (root / require).is_dir():
+        raise BenchError(
+            f"{root / require} does not exist; the data directory {root} (from {where}) must "
+            f"hold a '{require}' folder."
+        )
+    return root
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the repository, plus ``-dirty`` if ``git status`` shows changes.
+
+    Returns ``"unknown"`` when git or the repository is not available.
+    """
+    try:
+        head = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+    )
+    return out.stdout.strip()
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed from the repo root: ``python bench/x.py --opt ...`` (shell-quoted)."""
+    script, *rest = argv
+    path = Path(script).resolve()
+    shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+    return shlex.join(["python", str(shown), *rest])
+
+
+def run_info(argv: Sequence[str], *, threads: dict[str, int] | None = None) -> dict[str, Any]:
+    """Run metadata every result file records: command, commit, date and machine.
+
+    Args:
+        argv: ``sys.argv`` of the benchmark.
+        threads: the torch thread counts the benchmark uses, e.g. ``{"train": 2, "latency": 1}``.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "command": command_line(argv),
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": affinity,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "modelpress": modelpress.__version__,
+            "threads": dict(threads or {}),
+        },
+    }
+
+
+def run_info_markdown(info: dict[str, Any]) -> str:
+    """The run metadata as a short Markdown list."""
+    m = info["machine"]
+    threads = ", ".join(f"{k} {v}" for k, v in m["threads"].items()) or "default"
+    lines = [
+        f"- command: `{info['command']}`",
+        f"- commit: `{info['git_commit']}`",
+        f"- date: {info['date']}",
+        f"- machine: {m['cpu_model']}, {m['cpu_count']} cores ({m['cpus_usable']} usable), "
+        f"{m['platform']}",
+        f"- software: Python {m['python']}, torch {m['torch']}, modelpress {m['modelpress']}",
+        f"- torch threads: {threads}",
+    ]
+    if "seed" in info:
+        lines.append(f"- seed: {info['seed']}")
+    if "seconds" in info:
+        lines.append(f"- wall time: {info['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A GitHub Markdown table; ``align`` holds one of ``l``/``r``/``c`` per column (default l)."""
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    align = align.ljust(len(headers), "l")
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_results(
+    name: str, data: dict[str, Any], markdown: str, out_dir: str | os.PathLike[str]
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.json`` and ``<out_dir>/<name>.md``, each atomically.
+
+    Args:
+        name: the result name, e.g. ``"lenet_mnist"`` or ``"lenet_mnist-quick"``.
+        data: JSON-ready results (run metadata included by the caller); NaN is rejected.
+        markdown: the Markdown report.
+        out_dir: the results folder; created if missing.
+
+    Returns:
+        The two paths written.
+    """
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    _write_atomic(json_path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    _write_atomic(md_path, markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main_guard(main: Callable[[list[str] | None], int]) -> None:
+    """Run ``main`` and exit with its code; bad input is one line on stderr and exit code 2."""
+    try:
+        code = main(None)
+    except (BenchError, ModelpressError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted; no results written.", file=sys.stderr)
+        code = 130
+    sys.exit(code)
