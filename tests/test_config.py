@@ -28,10 +28,19 @@ def test_valid_values_parse_and_config_is_frozen():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"sparsity": 1.2}, "The 'sparsity' parameter of x.demo must be a float in [0, 1). Got 1.2 instead."),
+        (
+            {"sparsity": 1.2},
+            "The 'sparsity' parameter of x.demo must be a float in [0, 1). Got 1.2 instead.",
+        ),
         ({"bits": 9}, "The 'bits' parameter of x.demo must be an int in [2, 8]. Got 9 instead."),
-        ({"scope": "glob"}, "The 'scope' parameter of x.demo must be one of 'global', 'layer'. Got 'glob' instead."),
-        ({"group_size": 0}, "The 'group_size' parameter of x.demo must be an int >= 1 or null. Got 0 instead."),
+        (
+            {"scope": "glob"},
+            "The 'scope' parameter of x.demo must be one of 'global', 'layer'. Got 'glob' instead.",
+        ),
+        (
+            {"group_size": 0},
+            "The 'group_size' parameter of x.demo must be an int >= 1 or null. Got 0 instead.",
+        ),
     ],
 )
 def test_bad_values_use_the_message_template(data, message):
@@ -41,7 +50,9 @@ def test_bad_values_use_the_message_template(data, message):
 
 
 def test_unknown_key_suggests_the_nearest_name():
-    with pytest.raises(ConfigError, match=r"Unknown parameter 'sparsty' for x.demo \(did you mean 'sparsity'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown parameter 'sparsty' for x.demo \(did you mean 'sparsity'\?\)"
+    ):
         parse_config(Demo, {"sparsty": 0.5}, owner="x.demo")
 
 

@@ -31,14 +31,23 @@ def test_demo_recipe_end_to_end(mlp, digits, tmp_path):
 
 def test_training_stage_without_data_fails_before_any_work(mlp):
     with pytest.raises(DataError, match=r"stage 2 \(train\) needs training data"):
-        mp.compress(mlp, [mp.Stage.of("quant.rtn"), mp.Stage.of("train")], example_inputs=torch.zeros(1, 1, 8, 8))
+        mp.compress(
+            mlp,
+            [mp.Stage.of("quant.rtn"), mp.Stage.of("train")],
+            example_inputs=torch.zeros(1, 1, 8, 8),
+        )
 
 
 def test_data_as_a_spec_string_and_as_a_loader(mlp, digits):
     by_spec = mp.compress(mlp, "int8", data="digits", latency_runs=0)
     loader = digits.loader("train", batch_size=32, shuffle=True)
-    by_loader = mp.compress(mlp, [mp.Stage.of("train", max_steps=3)], data=loader, latency_runs=0,
-                            evaluate=lambda m: {"accuracy": accuracy(m, digits.loader("test", 256))})
+    by_loader = mp.compress(
+        mlp,
+        [mp.Stage.of("train", max_steps=3)],
+        data=loader,
+        latency_runs=0,
+        evaluate=lambda m: {"accuracy": accuracy(m, digits.loader("test", 256))},
+    )
     assert by_spec.final["eval"]["accuracy"] > 0.9
     assert by_loader.stages[0].learned["steps"] == 3
 
@@ -52,5 +61,7 @@ def test_recipe_argument_forms(mlp, digits):
 
 def test_same_seed_same_model(mlp, digits):
     runs = [mp.compress(mlp, "demo", data=digits, seed=3, latency_runs=0) for _ in range(2)]
-    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+    for a, b in zip(
+        runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)

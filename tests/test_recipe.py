@@ -47,8 +47,14 @@ def test_stage_of_python_api():
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("stages: [{technique: prune.magnitud}]", r"stage 1 \(prune.magnitud\): Unknown technique .*did you mean 'prune.magnitude'"),
-        ("stages: [{technique: prune.magnitude, sparsity: 1.5}]", r"stage 1 \(prune.magnitude\): The 'sparsity' parameter of prune.magnitude must be a float in \[0, 1\). Got 1.5 instead."),
+        (
+            "stages: [{technique: prune.magnitud}]",
+            r"stage 1 \(prune.magnitud\): Unknown technique .*did you mean 'prune.magnitude'",
+        ),
+        (
+            "stages: [{technique: prune.magnitude, sparsity: 1.5}]",
+            r"stage 1 \(prune.magnitude\): The 'sparsity' parameter of prune.magnitude must be a float in \[0, 1\). Got 1.5 instead.",
+        ),
         ("stages: [{technique: quant.rtn, bitz: 4}]", r"did you mean 'bits'"),
         ("stages: [{technique: quant.rtn, granularity: group}]", r"needs 'group_size'"),
         ("stages: [{technique: train, epochs: 0}]", r"nothing would train"),

@@ -44,7 +44,10 @@ def test_select_by_type_name_regex_and_ignore():
 
 
 def test_selector_matching_nothing_names_it_and_some_modules():
-    with pytest.raises(NoMatchingModulesError, match=r"t: target selector 'fc9' matched no module; modules include: fc1"):
+    with pytest.raises(
+        NoMatchingModulesError,
+        match=r"t: target selector 'fc9' matched no module; modules include: fc1",
+    ):
         select_modules(Net(), ["fc9", "fc1"], owner="t")
     with pytest.raises(NoMatchingModulesError, match="ignore selector 'nope'"):
         select_modules(Net(), ["Linear"], ["nope"], owner="t")
@@ -55,7 +58,9 @@ def test_selector_matching_nothing_names_it_and_some_modules():
 def test_default_targets_are_lenient_but_user_targets_strict():
     default = TargetedConfig()  # Linear, Conv1d, Conv2d, Conv3d: no conv here, still fine
     assert names(select_weighted(Net(), default, owner="t", supported=(nn.Linear,))) == [
-        "fc1", "fc2", "head.0"
+        "fc1",
+        "fc2",
+        "head.0",
     ]
     strict = TargetedConfig(targets=["Linear", "Conv2d"])
     with pytest.raises(NoMatchingModulesError, match="'Conv2d'"):

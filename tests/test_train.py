@@ -21,7 +21,10 @@ def test_cosine_and_constant_schedules():
     assert lr_at(7, 10, TrainConfig(lr=0.3, schedule="constant")) == 0.3
 
 
-@pytest.mark.parametrize(("name", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)],
+)
 def test_optimizers(name, cls):
     assert isinstance(make_optimizer(nn.Linear(2, 2), TrainConfig(optimizer=name)), cls)
 

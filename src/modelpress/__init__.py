@@ -12,15 +12,15 @@ The front door::
 
 __version__ = "0.1.0"
 
-from modelpress.artifact import load_artifact as load  # noqa: E402
-from modelpress.artifact import save_artifact as save  # noqa: E402
-from modelpress.data import DataBundle, load_data  # noqa: E402
-from modelpress.models import load_model  # noqa: E402
-from modelpress.pipeline import compress  # noqa: E402
-from modelpress.recipe import Recipe, Stage  # noqa: E402
-from modelpress.registry import technique  # noqa: E402
-from modelpress.result import Result  # noqa: E402
-from modelpress.train import Callback  # noqa: E402
+from modelpress.artifact import load_artifact as load
+from modelpress.artifact import save_artifact as save
+from modelpress.data import DataBundle, load_data
+from modelpress.models import load_model
+from modelpress.pipeline import compress
+from modelpress.recipe import Recipe, Stage
+from modelpress.registry import technique
+from modelpress.result import Result
+from modelpress.train import Callback
 
 __all__ = [
     "Callback",

@@ -21,7 +21,9 @@ err = Console(stderr=True)
 if not out.is_terminal:  # piped or captured: wide enough for the stage table
     out.width = 120
 
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Data spec: digits, mnist:DIR, npz:FILE.")]
+DataOpt = Annotated[
+    str, typer.Option("--data", "-d", help="Data spec: digits, mnist:DIR, npz:FILE.")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for everything random.")]
 
 
@@ -29,7 +31,9 @@ def _model_for(spec: str, bundle: Any) -> Any:
     from modelpress.models import load_model
 
     if spec.startswith(("zoo:", "import:")):
-        return load_model(spec, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+        return load_model(
+            spec, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes
+        )
     return load_model(spec)
 
 

@@ -90,7 +90,9 @@ class Context:
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A generator seeded from the run seed, the stage index and ``offset``."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage_index * 101 + offset)
+        return torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.stage_index * 101 + offset
+        )
 
     def report(self, key: str, value: Any) -> None:
         """Record something the running stage learned; it lands in the stage's result."""
@@ -123,7 +125,9 @@ class Context:
             yield from x.split(batch_size)
             return
         if self.batches is None:
-            raise DataError("this stage needs calibration data; pass data=... (e.g. --data digits).")
+            raise DataError(
+                "this stage needs calibration data; pass data=... (e.g. --data digits)."
+            )
         seen = 0
         for batch in self.batches:
             yield batch_inputs(batch)

@@ -43,7 +43,9 @@ def _as_recipe(recipe: Recipe | str | Sequence[Stage]) -> Recipe:
         return Recipe.resolve(recipe)
     stages = tuple(recipe)
     if not stages or not all(isinstance(s, Stage) for s in stages):
-        raise ConfigError("recipe must be a Recipe, a recipe name or YAML path, or a list of Stage.")
+        raise ConfigError(
+            "recipe must be a Recipe, a recipe name or YAML path, or a list of Stage."
+        )
     return Recipe(stages=stages)
 
 
@@ -85,6 +87,38 @@ def measure_model(model: nn.Module, ctx: Context, latency_runs: int) -> dict[str
     return metrics
 
 
+def make_context(
+    model: nn.Module,
+    data: DataBundle | str | Iterable[Batch] | None,
+    evaluate: Evaluate | None,
+    example_inputs: Any,
+    teacher: nn.Module | None,
+    loss_fn: LossFn | None,
+    seed: int,
+    progress: bool,
+) -> Context:
+    """The stage context: data (a spec is loaded), default evaluator and example inputs."""
+    bundle = load_data(data) if isinstance(data, str) else data
+    is_bundle = isinstance(bundle, DataBundle)
+    ctx = Context(
+        data=bundle if is_bundle else None,
+        batches=None if is_bundle else bundle,
+        teacher=teacher if teacher is not None else model,
+        evaluate=evaluate,
+        example_inputs=example_inputs,
+        seed=seed,
+        progress=progress,
+        loss_fn=loss_fn or classification_loss,
+    )
+    if ctx.data is not None:
+        ctx.evaluate = evaluate or accuracy_evaluator(ctx.data.loader("test", batch_size=256))
+        if example_inputs is None:
+            ctx.example_inputs = ctx.data.test.tensors[0][:1]
+    elif example_inputs is None and ctx.batches is not None:
+        ctx.example_inputs = _first_inputs(ctx.batches)
+    return ctx
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | str | Sequence[Stage],
@@ -122,27 +156,11 @@ def compress(
             found before or during the stage that meets it; the input model is unchanged.
     """
     recipe = _as_recipe(recipe)
-    bundle = load_data(data) if isinstance(data, str) else data
-    ctx = Context(
-        data=bundle if isinstance(bundle, DataBundle) else None,
-        batches=None if isinstance(bundle, DataBundle) else bundle,
-        teacher=teacher if teacher is not None else model,
-        evaluate=evaluate,
-        seed=seed,
-        progress=progress,
-        loss_fn=loss_fn or classification_loss,
-    )
-    if ctx.data is not None:
-        ctx.evaluate = evaluate or accuracy_evaluator(ctx.data.loader("test", batch_size=256))
-        ctx.example_inputs = example_inputs if example_inputs is not None else ctx.data.test.tensors[0][:1]
-    elif example_inputs is not None or ctx.batches is not None:
-        ctx.example_inputs = example_inputs if example_inputs is not None else _first_inputs(ctx.batches)
+    ctx = make_context(model, data, evaluate, example_inputs, teacher, loss_fn, seed, progress)
     _check_needs(recipe, ctx)
     console = Console(stderr=True, quiet=not progress)
     torch.manual_seed(seed)
-    ctx.teacher.eval().requires_grad_(False) if teacher is None else None
     work = copy.deepcopy(model)
-    work.requires_grad_(True)
     baseline = measure_model(model, ctx, latency_runs)
     baseline["bytes"] = state_dict_bytes(model)
     result = Result(model=work, recipe=recipe, baseline=baseline)
@@ -154,7 +172,9 @@ def compress(
         seconds = time.perf_counter() - start
         metrics = measure_model(work, ctx, latency_runs)
         config = stage.config.model_dump(mode="json")
-        result.stages.append(StageRecord(stage.technique, config, dict(ctx.reports), metrics, seconds))
+        result.stages.append(
+            StageRecord(stage.technique, config, dict(ctx.reports), metrics, seconds)
+        )
         console.print(f"[{i}/{len(recipe.stages)}] {stage.technique} done in {seconds:.1f}s")
     result.model = work.eval()
     return result

@@ -49,7 +49,10 @@ class Stage:
         Only fields that were given are written, so defaults (such as a technique's lenient
         default ``targets``) stay defaults when the recipe is read back.
         """
-        return {"technique": self.technique, **self.config.model_dump(mode="json", exclude_unset=True)}
+        return {
+            "technique": self.technique,
+            **self.config.model_dump(mode="json", exclude_unset=True),
+        }
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,7 @@ def matches(selector: str, name: str, module: nn.Module) -> bool:
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules, without parametrization internals (``x.parametrizations.weight.0``)."""
-    return [
-        (n, m) for n, m in model.named_modules() if n and ".parametrizations." not in f".{n}."
-    ]
+    return [(n, m) for n, m in model.named_modules() if n and ".parametrizations." not in f".{n}."]
 
 
 def _no_match(selector: str, kind: str, owner: str, modules: Sequence[str]) -> str:
@@ -99,9 +97,7 @@ def select_weighted(
         UnsupportedModuleError: a selected leaf module of a type the technique cannot handle.
     """
     strict = "targets" in cfg.model_fields_set
-    picked = select_modules(
-        model, cfg.targets, cfg.ignore, owner=owner, strict_targets=strict
-    )
+    picked = select_modules(model, cfg.targets, cfg.ignore, owner=owner, strict_targets=strict)
     out: list[tuple[str, nn.Module]] = []
     for name, module in picked:
         if isinstance(module, supported):

@@ -64,7 +64,9 @@ class Callback:
     def on_step_begin(self, state: TrainState) -> None:
         """Before the forward pass of each step."""
 
-    def loss(self, state: TrainState, batch: Batch, outputs: Any, loss: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, state: TrainState, batch: Batch, outputs: Any, loss: torch.Tensor
+    ) -> torch.Tensor:
         """Return the loss to minimise (default: unchanged)."""
         return loss
 
@@ -152,7 +154,9 @@ def fit(
     return {"steps": state.step, "final_loss": state.loss, "seconds": time.perf_counter() - start}
 
 
-def _train_step(state: TrainState, batch: Batch, cfg: TrainConfig, callbacks: list[Callback]) -> None:
+def _train_step(
+    state: TrainState, batch: Batch, cfg: TrainConfig, callbacks: list[Callback]
+) -> None:
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, state.total_steps, cfg)
     for cb in callbacks:

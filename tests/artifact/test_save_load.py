@@ -9,19 +9,22 @@ import torch
 from torch import nn
 
 from modelpress.artifact import load_artifact, read_manifest, save_artifact
+from modelpress.context import Context
 from modelpress.edits import edit_op, edits_of, record_edit
 from modelpress.errors import ArtifactError
 from modelpress.models.source import ModelSource, tag_source
 from modelpress.recipe import Stage
 from modelpress.registry import get_technique
-from modelpress.context import Context
 from modelpress.testing import tiny_convnet
 
 
 def compressed_convnet():
     model = tiny_convnet()
     ctx = Context()
-    for stage in (Stage.of("prune.magnitude", sparsity=0.7), Stage.of("quant.rtn", bits=4, group_size=8)):
+    for stage in (
+        Stage.of("prune.magnitude", sparsity=0.7),
+        Stage.of("quant.rtn", bits=4, group_size=8),
+    ):
         model = get_technique(stage.technique).apply(model, stage.config, ctx)
     return model
 
@@ -151,7 +154,9 @@ def test_structural_edits_are_replayed_on_load(tmp_path):
     record_edit(model, "test.widen", module="fc", width=7)
     path = save_artifact(model, tmp_path / "art")
     loaded = load_artifact(path)
-    assert loaded.fc.out_features == 7 and edits_of(loaded) == [{"op": "test.widen", "module": "fc", "width": 7}]
+    assert loaded.fc.out_features == 7 and edits_of(loaded) == [
+        {"op": "test.widen", "module": "fc", "width": 7}
+    ]
     manifest = read_manifest(path)
     manifest["edits"] = [{"op": "test.unknown"}]
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -58,27 +58,37 @@ def test_scalar_and_empty_tensors():
     sym=st.booleans(),
     density=st.floats(0.0, 1.0),
 )
-def test_affine_codes_decode_to_exactly_the_fake_quantized_weight(bits, rows, cols, gran, group, sym, density):
+def test_affine_codes_decode_to_exactly_the_fake_quantized_weight(
+    bits, rows, cols, gran, group, sym, density
+):
     g = torch.Generator().manual_seed(bits * 1000 + rows * 10 + cols)
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
-    fq = AffineFakeQuant(w, bits, symmetric=sym, granularity=gran,
-                         group_size=group if gran == "group" else None, scale_dtype="float16")
+    fq = AffineFakeQuant(
+        w,
+        bits,
+        symmetric=sym,
+        granularity=gran,
+        group_size=group if gran == "group" else None,
+        scale_dtype="float16",
+    )
     wq = fq(w).detach()
-    rec, payloads, back = roundtrip(wq, fq.value_codec())
+    rec, _, back = roundtrip(wq, fq.value_codec())
     assert torch.equal(back, wq)
     if "packing" in rec:
         assert rec["packing"]["bits"] == bits
 
 
 def test_missing_payload_is_an_artifact_error():
-    rec, payloads = encode_tensor("w", torch.randn(4, 4))
+    rec, _ = encode_tensor("w", torch.randn(4, 4))
     with pytest.raises(ArtifactError, match="w: the artifact is missing"):
         decode_tensor("w", rec, {})
 
 
 def test_wrong_code_count_is_an_artifact_error():
     w = torch.randn(4, 8)
-    fq = AffineFakeQuant(w, 4, symmetric=False, granularity="channel", group_size=None, scale_dtype="float16")
+    fq = AffineFakeQuant(
+        w, 4, symmetric=False, granularity="channel", group_size=None, scale_dtype="float16"
+    )
     rec, payloads = encode_tensor("w", fq(w).detach(), fq.value_codec())
     rec["packing"]["count"] = 5
     with pytest.raises(ArtifactError, match="codes stored"):

@@ -216,8 +216,11 @@ def write_npz(path: Path, **arrays: np.ndarray) -> str:
 def test_npz_uint8_images_get_channel_and_scale(tmp_path: Path) -> None:
     x = np.full((5, 4, 4), 255, dtype=np.uint8)
     spec = write_npz(
-        tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 2, 3, 4]),
-        x_test=x[:2], y_test=np.array([6, 0]),
+        tmp_path / "d.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 2, 3, 4]),
+        x_test=x[:2],
+        y_test=np.array([6, 0]),
     )
     bundle = load_data(spec)
     assert bundle.input_shape == (1, 4, 4) and bundle.num_classes == 7
@@ -236,8 +239,9 @@ def test_npz_nhwc_moved_to_nchw_and_floats_kept(tmp_path: Path) -> None:
 
 def test_npz_tabular_kept(tmp_path: Path) -> None:
     x = np.ones((3, 7), dtype=np.float32)
-    spec = write_npz(tmp_path / "t.npz", x_train=x, y_train=np.zeros(3, int), x_test=x,
-                     y_test=np.ones(3, int))
+    spec = write_npz(
+        tmp_path / "t.npz", x_train=x, y_train=np.zeros(3, int), x_test=x, y_test=np.ones(3, int)
+    )
     bundle = load_data(spec)
     assert bundle.input_shape == (7,) and bundle.num_classes == 2
 
@@ -251,8 +255,9 @@ def test_npz_missing_keys_named(tmp_path: Path) -> None:
 
 def test_npz_count_mismatch(tmp_path: Path) -> None:
     x = np.zeros((4, 3), dtype=np.float32)
-    spec = write_npz(tmp_path / "d.npz", x_train=x, y_train=np.zeros(3, int), x_test=x,
-                     y_test=np.zeros(4, int))
+    spec = write_npz(
+        tmp_path / "d.npz", x_train=x, y_train=np.zeros(3, int), x_test=x, y_test=np.zeros(4, int)
+    )
     with pytest.raises(DataError, match=r"d.npz\[x_train\] has 4 inputs but .*\[y_train\] has 3"):
         load_data(spec)
 
@@ -262,8 +267,13 @@ def test_npz_non_finite_inputs(tmp_path: Path, bad: float) -> None:
     x = np.zeros((4, 3), dtype=np.float32)
     x_test = x.copy()
     x_test[1, 2] = bad
-    spec = write_npz(tmp_path / "d.npz", x_train=x, y_train=np.zeros(4, int), x_test=x_test,
-                     y_test=np.zeros(4, int))
+    spec = write_npz(
+        tmp_path / "d.npz",
+        x_train=x,
+        y_train=np.zeros(4, int),
+        x_test=x_test,
+        y_test=np.zeros(4, int),
+    )
     with pytest.raises(DataError, match=r"\[x_test\]: 1 input values are NaN or inf"):
         load_data(spec)
 
@@ -279,12 +289,18 @@ def test_npz_missing_and_unreadable(tmp_path: Path) -> None:
 
 def test_npz_bad_labels(tmp_path: Path) -> None:
     x = np.zeros((2, 3), dtype=np.float32)
-    spec = write_npz(tmp_path / "f.npz", x_train=x, y_train=np.array([0.0, 1.0]), x_test=x,
-                     y_test=np.array([0, 1]))
+    spec = write_npz(
+        tmp_path / "f.npz",
+        x_train=x,
+        y_train=np.array([0.0, 1.0]),
+        x_test=x,
+        y_test=np.array([0, 1]),
+    )
     with pytest.raises(DataError, match="labels must be 1-D integers"):
         load_data(spec)
-    spec = write_npz(tmp_path / "n.npz", x_train=x, y_train=np.array([0, -1]), x_test=x,
-                     y_test=np.array([0, 1]))
+    spec = write_npz(
+        tmp_path / "n.npz", x_train=x, y_train=np.array([0, -1]), x_test=x, y_test=np.array([0, 1])
+    )
     with pytest.raises(DataError, match="labels must be >= 0; found -1"):
         load_data(spec)
 

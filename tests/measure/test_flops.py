@@ -44,8 +44,11 @@ def test_hugging_face_kwargs() -> None:
 
     torch.manual_seed(0)
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
     )
     model = BertModel(config)
     ids = torch.randint(0, 100, (2, 8))

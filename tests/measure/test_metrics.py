@@ -29,8 +29,11 @@ def _tiny_bert(seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
     )
     return BertModel(config)
 

@@ -45,9 +45,7 @@ def test_lenet5_pads_small_inputs() -> None:
 
 
 def test_mlp_hidden_dropout_and_list_kwargs() -> None:
-    model = build_zoo_model(
-        "mlp", input_shape=[64], num_classes=3, hidden=[32, 16, 8], dropout=0.5
-    )
+    model = build_zoo_model("mlp", input_shape=[64], num_classes=3, hidden=[32, 16, 8], dropout=0.5)
     linears = [n for n, m in model.named_children() if isinstance(m, torch.nn.Linear)]
     assert linears == ["fc1", "fc2", "fc3", "fc4"]
     assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 3

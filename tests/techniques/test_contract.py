@@ -23,8 +23,14 @@ def test_every_technique_has_a_contract_case():
 def test_contract_on_mlp(name, mlp, digits):
     params, min_cos, smaller, targeted = CASES[name]
     report = check_technique(
-        name, params, mlp, digits, inputs=digits.test.tensors[0][:64],
-        min_cosine=min_cos, expect_smaller=smaller, targeted=targeted,
+        name,
+        params,
+        mlp,
+        digits,
+        inputs=digits.test.tensors[0][:64],
+        min_cosine=min_cos,
+        expect_smaller=smaller,
+        targeted=targeted,
     )
     assert report["cosine"] >= min_cos
 
@@ -34,7 +40,13 @@ def test_contract_on_convnet(name, digits):
     params, _, smaller, targeted = CASES[name]
     model = tiny_convnet()
     report = check_technique(
-        name, params, model, digits, inputs=digits.test.tensors[0][:32],
-        min_cosine=0.9, expect_smaller=smaller, targeted=targeted,
+        name,
+        params,
+        model,
+        digits,
+        inputs=digits.test.tensors[0][:32],
+        min_cosine=0.9,
+        expect_smaller=smaller,
+        targeted=targeted,
     )
     assert report["bytes_after"] < report["bytes_before"]

@@ -56,7 +56,13 @@ class ValueCodec(Protocol):
 
 
 DecodeFn = Callable[
-    [dict[str, Any], dict[str, torch.Tensor], np.ndarray | None, torch.Tensor | None, tuple[int, ...]],
+    [
+        dict[str, Any],
+        dict[str, torch.Tensor],
+        np.ndarray | None,
+        torch.Tensor | None,
+        tuple[int, ...],
+    ],
     torch.Tensor,
 ]
 _DECODERS: dict[str, DecodeFn] = {}
@@ -124,7 +130,11 @@ class RawCodec:
 
     def value_bits(self) -> float:
         """Bits of one value of ``dtype``."""
-        return 1.0 if self.dtype == torch.bool else float(torch.empty(0, dtype=self.dtype).element_size() * 8)
+        return (
+            1.0
+            if self.dtype == torch.bool
+            else float(torch.empty(0, dtype=self.dtype).element_size() * 8)
+        )
 
     def encode(
         self, values: torch.Tensor, positions: torch.Tensor | None, shape: tuple[int, ...]

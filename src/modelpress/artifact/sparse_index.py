@@ -18,8 +18,14 @@ from typing import Literal
 
 import numpy as np
 
-from modelpress.artifact.bitpack import MAX_BITS, pack_bits, packed_nbytes, unpack_bits
-from modelpress.artifact.bitpack import _as_byte_array, _check_bits
+from modelpress.artifact.bitpack import (
+    MAX_BITS,
+    _as_byte_array,
+    _check_bits,
+    pack_bits,
+    packed_nbytes,
+    unpack_bits,
+)
 from modelpress.errors import ArtifactError
 
 __all__ = [

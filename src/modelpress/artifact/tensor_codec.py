@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from modelpress.artifact.bitpack import pack_bits, packed_nbytes, unpack_bits
@@ -95,7 +94,9 @@ def decode_tensor(name: str, record: Record, stored: dict[str, torch.Tensor]) ->
     count = numel
     if layout["format"] != "dense":
         count = int(layout["nnz"])
-        idx = decode_index(parts.pop("index").numpy(), numel, layout["format"], layout["bits"], count)
+        idx = decode_index(
+            parts.pop("index").numpy(), numel, layout["format"], layout["bits"], count
+        )
         positions = torch.from_numpy(idx)
     codes = None
     if "packing" in record:

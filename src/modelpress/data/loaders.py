@@ -34,11 +34,17 @@ class IdxDataset:
 
 
 MNIST = IdxDataset(
-    "mnist", 0.1307, 0.3081, 10,
+    "mnist",
+    0.1307,
+    0.3081,
+    10,
     "download the four IDX files from the MNIST site (or use $MODELPRESS_DATA/mnist)",
 )
 FASHION_MNIST = IdxDataset(
-    "fashion-mnist", 0.2860, 0.3530, 10,
+    "fashion-mnist",
+    0.2860,
+    0.3530,
+    10,
     "download the four IDX files from github.com/zalandoresearch/fashion-mnist",
 )
 

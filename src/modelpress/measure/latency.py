@@ -31,8 +31,7 @@ def _check_int_at_least_one(name: str, value: object) -> None:
     """Raise ``ConfigError`` unless ``value`` is an int (not a bool) ``>= 1``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(
-            f"The '{name}' parameter of measure_latency must be an int >= 1. "
-            f"Got {value!r} instead."
+            f"The '{name}' parameter of measure_latency must be an int >= 1. Got {value!r} instead."
         )
 
 

@@ -92,7 +92,8 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
     if sep and len(scheme) > 1:
         raise UnknownNameError(
             f"Unknown model spec scheme {scheme + ':'!r}{suggest(scheme, SCHEMES)}; use "
-            + ", ".join(f"{s}:" for s in SCHEMES) + " or an artifact directory."
+            + ", ".join(f"{s}:" for s in SCHEMES)
+            + " or an artifact directory."
         )
     raise ModelError(
         f"{spec!r} is not a model spec or an artifact directory (no manifest.json there); "

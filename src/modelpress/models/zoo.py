@@ -8,6 +8,7 @@ and ``num_classes``, plus its own, and returns an ``nn.Module`` with named layer
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -109,7 +110,7 @@ class MLP(nn.Module):
         super().__init__()
         self.flatten = nn.Flatten()
         widths = (in_features, *hidden, num_classes)
-        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
             self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
             if i < len(widths) - 1:
                 self.add_module(f"relu{i}", nn.ReLU())

@@ -14,7 +14,7 @@ from modelpress.artifact.manifest import MANIFEST, TENSORS, read_manifest
 
 def _payload_bytes(root: Path) -> dict[str, int]:
     with safe_open(str(root / TENSORS), framework="pt") as f:
-        return {k: _nbytes(f.get_slice(k)) for k in f.keys()}
+        return {k: _nbytes(f.get_slice(k)) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def _nbytes(sl: Any) -> int:
@@ -85,6 +85,7 @@ def inspect_table(path: str | Path) -> Table:
     total = sum(files.values())
     table.caption = (
         f"payload {sum(r['bytes'] for r in rows):,} B; files: "
-        + ", ".join(f"{k} {v:,} B" for k, v in files.items()) + f"; directory {total:,} B"
+        + ", ".join(f"{k} {v:,} B" for k, v in files.items())
+        + f"; directory {total:,} B"
     )
     return table

@@ -9,7 +9,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
 CAPTION = (
     "baseline bytes: its torch.save(state_dict) file; stage bytes: the artifact directory "
     "written after that stage (a saved artifact adds its recipe and metrics to the manifest)"

@@ -70,9 +70,13 @@ def check_config(name: str, params: dict[str, Any]) -> None:
         try:
             parse_config(spec.config_cls, {**params, field: bad}, owner=name)
         except ConfigError as exc:
-            pattern = f"The '{field}' parameter of {name} must be .* Got {re.escape(repr(bad))} instead."
+            pattern = (
+                f"The '{field}' parameter of {name} must be .* Got {re.escape(repr(bad))} instead."
+            )
             if not re.search(pattern, str(exc)):
-                raise ContractError(f"{name}: message for bad {field!r} breaks the template: {exc}") from None
+                raise ContractError(
+                    f"{name}: message for bad {field!r} breaks the template: {exc}"
+                ) from None
             checked += 1
         else:
             raise ContractError(f"{name}: {field}={bad!r} was accepted")
@@ -135,7 +139,9 @@ def check_technique(
                      latency_runs=0)  # fmt: skip
         except NoMatchingModulesError as exc:
             if "no_such_module" not in str(exc):
-                raise ContractError(f"{name}: nothing-matched error does not name the selector") from None
+                raise ContractError(
+                    f"{name}: nothing-matched error does not name the selector"
+                ) from None
         else:
             raise ContractError(f"{name}: a selector matching nothing was accepted")
     before = copy.deepcopy(model.state_dict())

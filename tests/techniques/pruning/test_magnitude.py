@@ -66,8 +66,12 @@ def test_pruning_again_never_revives_weights():
 
 
 def test_masks_survive_fine_tuning(mlp, digits):
-    result = compress(mlp, [Stage.of("prune.magnitude", sparsity=0.9), Stage.of("train", max_steps=20, lr=1e-2)],
-                      data=digits, latency_runs=0)
+    result = compress(
+        mlp,
+        [Stage.of("prune.magnitude", sparsity=0.9), Stage.of("train", max_steps=20, lr=1e-2)],
+        data=digits,
+        latency_runs=0,
+    )
     pruned = result.stages[0].metrics["nonzeros"]
     assert result.stages[1].metrics["nonzeros"] == pruned
     total = result.baseline["params"]
@@ -78,5 +82,7 @@ def test_masks_survive_fine_tuning(mlp, digits):
 def test_bad_layer_sparsity_is_rejected():
     from modelpress.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'layer_sparsity' parameter of prune.magnitude .* Got '0': 1.0 instead"):
+    with pytest.raises(
+        ConfigError, match=r"'layer_sparsity' parameter of prune.magnitude .* Got '0': 1.0 instead"
+    ):
         prune(two_layers(), layer_sparsity={"0": 1.0})

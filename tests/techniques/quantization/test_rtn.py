@@ -13,7 +13,11 @@ from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
 
 @pytest.mark.parametrize(
     ("params", "groups"),
-    [({"bits": 8}, 128), ({"bits": 4, "group_size": 16}, 128 * 4), ({"bits": 3, "granularity": "tensor"}, 1)],
+    [
+        ({"bits": 8}, 128),
+        ({"bits": 4, "group_size": 16}, 128 * 4),
+        ({"bits": 3, "granularity": "tensor"}, 1),
+    ],
 )
 def test_grid_granularity(mlp, digits, params, groups):
     result = compress(mlp, [Stage.of("quant.rtn", **params)], data=digits, latency_runs=0)
@@ -31,7 +35,10 @@ def test_no_data_needed(mlp):
 
 
 def test_accuracy_holds_at_8_and_4_bits(mlp, digits):
-    for stage, max_drop in ((Stage.of("quant.rtn", bits=8), 0.005), (Stage.of("quant.rtn", bits=4, group_size=16), 0.03)):
+    for stage, max_drop in (
+        (Stage.of("quant.rtn", bits=8), 0.005),
+        (Stage.of("quant.rtn", bits=4, group_size=16), 0.03),
+    ):
         result = compress(mlp, [stage], data=digits, latency_runs=0)
         drop = result.baseline["eval"]["accuracy"] - result.final["eval"]["accuracy"]
         assert drop <= max_drop

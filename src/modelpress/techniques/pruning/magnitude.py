@@ -50,7 +50,7 @@ def keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         A bool tensor of ``scores``' shape; exactly ``n - round(sparsity * n)`` True.
     """
     flat = scores.reshape(-1)
-    n_prune = int(round(sparsity * flat.numel()))
+    n_prune = round(sparsity * flat.numel())
     mask = torch.ones_like(flat, dtype=torch.bool)
     if n_prune:
         order = torch.argsort(flat, stable=True)
@@ -87,12 +87,9 @@ def apply_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> nn.
     if pooled:
         flat = torch.cat([weights[n].reshape(-1) for n in pooled])
         keep = keep_mask(flat, cfg.sparsity).split([weights[n].numel() for n in pooled])
-        masks.update({n: k.reshape(weights[n].shape) for n, k in zip(pooled, keep)})
+        masks.update({n: k.reshape(weights[n].shape) for n, k in zip(pooled, keep, strict=True)})
     modules = dict(selected)
     for name, mask in masks.items():
         set_mask(modules[name], "weight", mask)
-    ctx.report(
-        "sparsity", {n: round(1 - float(m.float().mean()), 4) for n, m in masks.items()}
-    )
+    ctx.report("sparsity", {n: round(1 - float(m.float().mean()), 4) for n, m in masks.items()})
     return model
-

@@ -31,4 +31,3 @@ def set_mask(module: nn.Module, tensor_name: str, mask: torch.Tensor) -> None:
         existing.mask &= mask.to(torch.bool)
         return
     add_parametrization(module, tensor_name, Mask(mask))
-
