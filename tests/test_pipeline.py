@@ -14,19 +14,19 @@ def test_demo_recipe_end_to_end(mlp, digits, tmp_path):
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
     result = mp.compress(mlp, "demo", data=digits, latency_runs=3)
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
-    assert [s.technique for s in result.stages] == ["prune.magnitude", "train", "quant.rtn"]
+    assert [s.technique for s in result.stages] == ["prune.magnitude", "train", "quant.rtn", "train"]
     for metrics in [result.baseline] + [s.metrics for s in result.stages]:
         assert {"eval", "params", "nonzeros", "flops", "bytes", "latency_ms"} <= set(metrics)
     assert result.final["bytes"] * 5 < result.baseline["bytes"]
     assert result.final["eval"]["accuracy"] >= result.baseline["eval"]["accuracy"] - 0.03
     assert result.stages[0].learned["sparsity"]
     table = result.table()
-    assert "baseline" in table and "3. quant.rtn" in table and "ratio" in table
+    assert "baseline" in table and "3. quant.rtn" in table and "4. train" in table
     path = result.save(tmp_path / "run")
     reloaded = mp.load(path)
     assert accuracy(reloaded, digits.loader("test", 256)) == result.final["eval"]["accuracy"]
     manifest = mp.artifact.read_manifest(path)
-    assert manifest["recipe"]["name"] == "demo" and len(manifest["stages"]) == 3
+    assert manifest["recipe"]["name"] == "demo" and len(manifest["stages"]) == 4
 
 
 def test_training_stage_without_data_fails_before_any_work(mlp):

@@ -9,12 +9,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelpress.artifact.save import check_destination
 from modelpress.errors import ModelpressError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Compress trained PyTorch models, with measured bytes, latency and accuracy.",
+    epilog="Example: modelpress demo  (then: modelpress inspect runs/demo)",
 )
 out = Console()
 err = Console(stderr=True)
@@ -55,6 +57,7 @@ def demo(
     from modelpress.train import train_model
 
     torch.set_num_threads(1)  # a 17k-parameter MLP: one thread is fastest
+    check_destination(out_dir)
     bundle = mp.load_data("digits")
     out.print("[bold]1.[/] training zoo:mlp on digits (1,437 train / 360 held-out test images)")
     model = _model_for("zoo:mlp", bundle)
@@ -93,6 +96,7 @@ def train(
     from modelpress.measure import accuracy
     from modelpress.train import train_model
 
+    check_destination(out_dir)
     bundle = mp.load_data(data)
     net = _model_for(model, bundle)
     summary = train_model(net, bundle, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -120,6 +124,7 @@ def compress(
     """
     import modelpress as mp
 
+    check_destination(out_dir)
     the_recipe = mp.Recipe.resolve(recipe)
     bundle = mp.load_data(data)
     net = _model_for(model, bundle)
@@ -194,20 +199,13 @@ def recipes(
 
 
 def main() -> None:
-    """Entry point: run the app; a modelpress error becomes one line and exit code 2."""
+    """Entry point: run the app; a modelpress error becomes one line and exit code 2.
+
+    typer's standalone mode handles usage errors (exit 2) and ``typer.Exit`` codes itself;
+    modelpress errors raised inside a command reach this function.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except ModelpressError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
-    except Exception as exc:  # typer/click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise

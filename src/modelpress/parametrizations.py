@@ -80,3 +80,22 @@ def effective_tensor(module: nn.Module, tensor_name: str = "weight") -> torch.Te
     """The tensor as the forward pass sees it (masks and quantizers applied), detached."""
     with torch.no_grad():
         return getattr(module, tensor_name).detach()
+
+
+def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a baked copy would have, without copying: each parametrized tensor
+    appears once under its plain name (``fc1.weight``) with its compressed value, in place of
+    ``fc1.parametrizations.weight.original`` and the parametrizations' own buffers.
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix, sep, rest = key.partition("parametrizations.")
+        if not sep or (prefix and not prefix.endswith(".")):
+            out[key] = value
+            continue
+        tensor_name = rest.split(".", 1)[0]
+        qual = prefix + tensor_name
+        if qual not in out:
+            out[qual] = effective_tensor(modules[prefix.rstrip(".")], tensor_name)
+    return out

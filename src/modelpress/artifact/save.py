@@ -27,7 +27,11 @@ from modelpress.artifact.tensor_codec import encode_tensor
 from modelpress.edits import edits_of
 from modelpress.errors import ArtifactError
 from modelpress.models.source import ModelSource, source_of
-from modelpress.parametrizations import baked_copy, parametrizations_of, parametrized_tensors
+from modelpress.parametrizations import (
+    effective_state_dict,
+    parametrizations_of,
+    parametrized_tensors,
+)
 
 
 def value_codecs(model: nn.Module) -> dict[str, ValueCodec]:
@@ -48,7 +52,7 @@ def encode_model(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
     with ``{"alias_of": name}``.
     """
     codecs = value_codecs(model)
-    state = baked_copy(model).state_dict()
+    state = effective_state_dict(model)
     records: dict[str, Any] = {}
     payloads: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
@@ -62,6 +66,20 @@ def encode_model(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
         records[name] = record
         payloads.update(parts)
     return records, payloads
+
+
+def check_destination(path: str | Path) -> Path:
+    """The resolved ``path`` if an artifact may be written there (new, empty, or an artifact).
+
+    Raises:
+        ArtifactError: ``path`` is a file or a non-empty directory that is not an artifact.
+    """
+    dest = Path(path).expanduser().resolve()
+    if dest.exists() and not is_artifact(dest) and (dest.is_file() or any(dest.iterdir())):
+        raise ArtifactError(
+            f"{dest} exists and is not a modelpress artifact; choose another --out path."
+        )
+    return dest
 
 
 def save_artifact(
@@ -85,11 +103,7 @@ def save_artifact(
     Raises:
         ArtifactError: ``path`` exists and is not an artifact (it is never overwritten).
     """
-    dest = Path(path).expanduser().resolve()
-    if dest.exists() and not is_artifact(dest) and (dest.is_file() or any(dest.iterdir())):
-        raise ArtifactError(
-            f"{dest} exists and is not a modelpress artifact; choose another --out path."
-        )
+    dest = check_destination(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     records, payloads = encode_model(model)
     source = source or source_of(model)

@@ -27,8 +27,25 @@ from modelpress.errors import ArtifactError
 Record = dict[str, Any]
 
 
-def _dense_layout_bytes(numel: int, codec: ValueCodec) -> int:
-    return math.ceil(numel * codec.value_bits() / 8)
+def _sparse_layout(
+    name: str, flat: torch.Tensor, codec: ValueCodec
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor] | None:
+    """Layout record, index payload and kept positions, if sparse storage is smaller."""
+    numel = flat.numel()
+    if not numel or flat.dtype == torch.bool:
+        return None
+    nnz = int(torch.count_nonzero(flat))
+    value_bits = codec.value_bits()
+    # any index costs at least one bit per kept value: skip the search when that cannot win
+    if (numel - nnz) * value_bits <= nnz:
+        return None
+    pos = torch.nonzero(flat, as_tuple=True)[0]
+    choice = choose_index_format(pos.numpy(), numel)
+    sparse_bytes = choice.nbytes + math.ceil(nnz * value_bits / 8)
+    if sparse_bytes >= math.ceil(numel * value_bits / 8):
+        return None
+    index = torch.from_numpy(encode_index(pos.numpy(), numel, choice))
+    return {"format": choice.format, "bits": choice.bits, "nnz": nnz}, index, pos
 
 
 def encode_tensor(
@@ -46,23 +63,13 @@ def encode_tensor(
     """
     codec = codec or RawCodec(tensor.dtype)
     flat = tensor.detach().reshape(-1)
-    numel = flat.numel()
     record: Record = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
     payloads: dict[str, torch.Tensor] = {}
-    positions = None
-    values = flat
-    layout: dict[str, Any] = {"format": "dense"}
-    if numel and tensor.dtype != torch.bool:
-        pos = torch.nonzero(flat, as_tuple=True)[0]
-        nnz = pos.numel()
-        if nnz < numel:
-            choice = choose_index_format(pos.numpy(), numel)
-            sparse_bytes = choice.nbytes + math.ceil(nnz * codec.value_bits() / 8)
-            if sparse_bytes < _dense_layout_bytes(numel, codec):
-                index = encode_index(pos.numpy(), numel, choice)
-                payloads[f"{name}/index"] = torch.from_numpy(index)
-                layout = {"format": choice.format, "bits": choice.bits, "nnz": nnz}
-                positions, values = pos, flat[pos]
+    positions, values, layout = None, flat, {"format": "dense"}
+    sparse = _sparse_layout(name, flat, codec)
+    if sparse is not None:
+        layout, payloads[f"{name}/index"], positions = sparse
+        values = flat[positions]
     record["layout"] = layout
     enc = codec.encode(values, positions, tuple(tensor.shape))
     record["codec"] = {"name": codec.name, **enc.meta}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -21,7 +22,15 @@ SCHEMES = {
     "import": "import:pkg.mod:fn — a function returning an nn.Module (called with kwargs)",
 }
 
-__all__ = ["ModelSource", "build_from_source", "load_model", "source_of", "tag_source", "zoo_names"]
+__all__ = [
+    "ModelSource",
+    "build_from_source",
+    "load_model",
+    "shape_kwargs",
+    "source_of",
+    "tag_source",
+    "zoo_names",
+]
 
 
 def _import_builder(spec: str) -> Any:
@@ -34,6 +43,20 @@ def _import_builder(spec: str) -> Any:
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"{spec}: cannot import it ({exc}).") from None
     return fn
+
+
+def shape_kwargs(spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` the builder named by a ``zoo:``/``import:`` spec accepts.
+
+    Zoo models take every key; an ``import:`` function gets only the keys in its signature
+    (all of them if it takes ``**kwargs``), so a builder without ``input_shape`` still works.
+    """
+    if not spec.startswith("import:"):
+        return kwargs
+    params = inspect.signature(_import_builder(spec)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def build_from_source(source: ModelSource) -> nn.Module:

@@ -24,6 +24,7 @@ from modelpress.techniques.quantization.affine import (
     dequantize,
     fake_quantize,
     qmax,
+    quantize_codes,
 )
 
 
@@ -91,8 +92,13 @@ class AffineCodec:
     ) -> EncodedValues:
         """Recover each value's code ``round(v / s) + z``; values are already on the grid."""
         layout = GroupLayout(shape, self.granularity, self.group_size)
-        s, z = _per_value(layout, self.scale, self.zero_point, positions, values.numel())
-        codes = torch.clamp(torch.round(values.float() / s) + z, 0, qmax(self.bits))
+        if positions is None:  # every value, in order: work in the group view
+            groups = layout.to_groups(values.float().reshape(shape))
+            codes = quantize_codes(groups, self.scale, self.zero_point, self.bits)
+            codes = layout.from_groups(codes).reshape(-1)
+        else:
+            s, z = _per_value(layout, self.scale, self.zero_point, positions)
+            codes = torch.clamp(torch.round(values.float() / s) + z, 0, qmax(self.bits))
         payloads = {"scale": self.scale.to(_DTYPES[self.scale_dtype])}
         if not self.symmetric:
             zp = pack_bits(self.zero_point.to(torch.int64).numpy(), self.bits)
@@ -124,19 +130,16 @@ class AffineCodec:
             zp = unpack_bits(payloads["zero_point"].numpy(), bits, layout.num_groups)
             zero = torch.from_numpy(zp).float()
         q = torch.from_numpy(np.asarray(codes)).float()
-        s, z = _per_value(layout, scale, zero, positions, q.numel())
+        if positions is None:  # every value, in order: the group view, as the quantizer does
+            groups = layout.to_groups(q.reshape(shape))
+            return layout.from_groups(dequantize(groups, scale[:, None], zero[:, None])).reshape(-1)
+        s, z = _per_value(layout, scale, zero, positions)
         return dequantize(q, s, z)
 
 
 def _per_value(
-    layout: GroupLayout,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    positions: torch.Tensor | None,
-    count: int,
+    layout: GroupLayout, scale: torch.Tensor, zero: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of each value, by the group of its flat position."""
-    if positions is None:
-        positions = torch.arange(count, dtype=torch.int64)
+    """Scale and zero point of each kept value, by the group of its flat position."""
     gid = layout.group_ids(positions)
     return scale[gid], zero[gid]
