@@ -397,3 +397,37 @@ def test_runner_surfaces_modelpress_errors_as_exceptions(tmp_path: Path) -> None
 def test_runner_usage_error_is_exit_2() -> None:
     result = runner.invoke(app, ["eval", "zoo:mlp"])
     assert result.exit_code == 2 and "Missing option '--data'" in result.output
+
+
+def test_import_builder_without_shape_kwargs_trains_and_reloads(tmp_path: Path) -> None:
+    # tiny_convnet takes num_classes only: the CLI passes just the kwargs it accepts
+    dest = tmp_path / "conv"
+    out = invoke(
+        "train", "import:modelpress.testing.models:tiny_convnet", "--data", "digits",
+        "--out", str(dest), "--epochs", "1",
+    )  # fmt: skip
+    trained = ACCURACY.search(out)
+    evaluated = ACCURACY.search(invoke("eval", str(dest), "--data", "digits"))
+    assert trained is not None and evaluated is not None
+    assert trained.group(1) == evaluated.group(1)
+
+
+def test_train_is_seeded(tmp_path: Path) -> None:
+    runs = [
+        invoke(
+            "train",
+            "zoo:mlp",
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / f"m{i}"),
+            "--epochs",
+            "1",
+        )
+        for i in range(2)
+    ]
+    a, b = (ACCURACY.search(r) for r in runs)
+    assert a is not None and b is not None and a.group(1) == b.group(1)
+    assert (tmp_path / "m0" / "tensors.safetensors").read_bytes() == (
+        tmp_path / "m1" / "tensors.safetensors"
+    ).read_bytes()

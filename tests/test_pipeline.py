@@ -14,7 +14,12 @@ def test_demo_recipe_end_to_end(mlp, digits, tmp_path):
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
     result = mp.compress(mlp, "demo", data=digits, latency_runs=3)
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
-    assert [s.technique for s in result.stages] == ["prune.magnitude", "train", "quant.rtn", "train"]
+    assert [s.technique for s in result.stages] == [
+        "prune.magnitude",
+        "train",
+        "quant.rtn",
+        "train",
+    ]
     for metrics in [result.baseline] + [s.metrics for s in result.stages]:
         assert {"eval", "params", "nonzeros", "flops", "bytes", "latency_ms"} <= set(metrics)
     assert result.final["bytes"] * 5 < result.baseline["bytes"]

@@ -29,13 +29,17 @@ DataOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option(help="Seed for everything random.")]
 
 
-def _model_for(spec: str, bundle: Any) -> Any:
-    from modelpress.models import load_model
+def _model_for(spec: str, bundle: Any, seed: int = 0) -> Any:
+    """The model ``spec`` names, built for the data's input shape and classes if it asks
+    (a freshly built model is initialised from ``seed``)."""
+    import torch
+
+    from modelpress.models import load_model, shape_kwargs
 
     if spec.startswith(("zoo:", "import:")):
-        return load_model(
-            spec, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes
-        )
+        torch.manual_seed(seed)
+        kwargs = {"input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes}
+        return load_model(spec, **shape_kwargs(spec, kwargs))
     return load_model(spec)
 
 
@@ -60,7 +64,7 @@ def demo(
     check_destination(out_dir)
     bundle = mp.load_data("digits")
     out.print("[bold]1.[/] training zoo:mlp on digits (1,437 train / 360 held-out test images)")
-    model = _model_for("zoo:mlp", bundle)
+    model = _model_for("zoo:mlp", bundle, seed)
     train_model(model, bundle, epochs=20, lr=3e-3, seed=seed, progress=True)
     recipe = mp.Recipe.builtin("demo")
     out.print(f"[bold]2.[/] compressing with recipe '{recipe.name}': {recipe.description}")
@@ -98,7 +102,7 @@ def train(
 
     check_destination(out_dir)
     bundle = mp.load_data(data)
-    net = _model_for(model, bundle)
+    net = _model_for(model, bundle, seed)
     summary = train_model(net, bundle, epochs=epochs, lr=lr, batch_size=batch_size,
                           optimizer=optimizer, seed=seed, progress=True)  # fmt: skip
     acc = accuracy(net, bundle.loader("test", 256))
@@ -127,7 +131,7 @@ def compress(
     check_destination(out_dir)
     the_recipe = mp.Recipe.resolve(recipe)
     bundle = mp.load_data(data)
-    net = _model_for(model, bundle)
+    net = _model_for(model, bundle, seed)
     result = mp.compress(net, the_recipe, data=bundle, seed=seed, latency_runs=latency_runs,
                          progress=True)  # fmt: skip
     out.print(result.rich_table())

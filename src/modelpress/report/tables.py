@@ -26,7 +26,8 @@ def _fmt_metric(v: float | None) -> str:
 def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -> Table:
     """One row per stage: evaluator metrics, params, nonzeros, FLOPs, bytes, ratio, latency.
 
-    ``rows[0]`` is the baseline; the ratio column is ``baseline bytes / row bytes``.
+    ``rows[0]`` is the baseline; the ratio column is ``baseline bytes / row bytes``, and
+    bits/param is ``8 * bytes / params`` (everything on disk, divided over the parameters).
     """
     metric_names: list[str] = []
     for _, m in rows:
@@ -35,7 +36,15 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
     table.add_column("stage")
     for name in metric_names:
         table.add_column(name, justify="right")
-    for col in ("params", "nonzeros", "FLOPs", "bytes on disk", "ratio", "latency ms"):
+    for col in (
+        "params",
+        "nonzeros",
+        "FLOPs",
+        "bytes on disk",
+        "bits/param",
+        "ratio",
+        "latency ms",
+    ):
         table.add_column(col, justify="right")
     base_bytes = rows[0][1].get("bytes") if rows else None
     for label, m in rows:
@@ -50,6 +59,7 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
             _fmt_int(m.get("nonzeros")),
             _fmt_int(m.get("flops")),
             _fmt_int(size),
+            f"{8 * size / m['params']:.2f}" if size and m.get("params") else "-",
             ratio,
             "-" if lat is None else f"{lat:.3f}",
         )
