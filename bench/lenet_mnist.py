@@ -42,7 +42,7 @@ from modelpress.measure import (
 from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     RESULTS_DIR,
     WORK_DIR,
     data_dir,
@@ -57,8 +57,19 @@ NAME = "lenet_mnist"
 MODEL_SPEC = "zoo:lenet-300-100"
 TARGET_RATIO = 10.0  # x smaller than the fp32 state-dict file
 TARGET_ERROR_PP = 0.2  # at most this many percentage points more test error
-TRAIN_THREADS, LATENCY_THREADS = 2, 1
+# 1 training thread: on a shared 2-core machine, 2 threads are up to 10x slower whenever
+# another process is busy; results depend on the thread count, so it is fixed and recorded
+TRAIN_THREADS, LATENCY_THREADS = 1, 1
 VAL_SIZE, VAL_SPLIT_SEED = 5_000, 20_240_601  # --val: fixed split, independent of --seed
+
+TUNING_NOTE = (
+    "On a validation split, never on the test set: `python bench/lenet_mnist.py --val` trains "
+    "on 55,000 training images and evaluates on the other 5,000 (results in "
+    "`lenet_mnist-val.md`); the small sweep behind the choices (baseline lr, sparsity 0.8-0.92, "
+    "fine-tune lr and length, iterative pruning, the 4-bit grid) is in `bench/README.md`. "
+    "Sparsity 0.9 sat at the edge of the error budget there (+0.14 to +0.22 pp for 8 bits over "
+    "two seeds), so 0.85 was chosen; the test set was used only for this report."
+)
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,13 @@ class Settings:
     train_samples: int | None = None  # None: all 60,000 training images
     baseline: dict[str, Any] = field(
         default_factory=lambda: dict(
-            epochs=20, lr=1e-3, optimizer="adam", schedule="cosine", batch_size=128
+            epochs=20, lr=2e-3, optimizer="adam", schedule="cosine", batch_size=128
         )
     )
-    sparsity: float = 0.92
+    sparsity: float = 0.85
     finetune: dict[str, Any] = field(
         default_factory=lambda: dict(
-            epochs=10, lr=1e-4, optimizer="adam", schedule="cosine", batch_size=128
+            epochs=20, lr=1e-3, optimizer="adam", schedule="cosine", batch_size=128
         )
     )
     # variant name -> quant.rtn fields; every variant is prune -> fine-tune -> quantize
@@ -87,6 +98,7 @@ class Settings:
             "int4-g64-sym": dict(bits=4, group_size=64, symmetric=True),
         }
     )
+    int4_pick: str = "int4-channel"  # the 4-bit variant chosen on the validation split
     latency_runs: int = 300  # timed runs per model and batch size, over all rounds
     latency_rounds: int = 10
     latency_warmup: int = 5  # untimed runs before each round
@@ -171,7 +183,8 @@ def error_pct(model: nn.Module, bundle: mp.DataBundle) -> tuple[float, float, in
     """``(accuracy, error %, wrong predictions)`` on the bundle's test split."""
     acc = accuracy(model, bundle.loader("test", batch_size=1000))
     n = len(bundle.test)
-    return acc, 100.0 * (1.0 - acc), n - round(acc * n)
+    wrong = n - round(acc * n)
+    return acc, 100.0 * wrong / n, wrong
 
 
 def latencies(
@@ -188,8 +201,10 @@ def latencies(
     for _ in range(settings.latency_rounds):
         for name, model in models.items():
             for batch in (1, 64):
-                lat = measure_latency(model, x[:batch], runs=runs,
-                                      warmup=settings.latency_warmup, threads=LATENCY_THREADS)  # fmt: skip
+                lat = measure_latency(
+                    model, x[:batch], runs=runs, warmup=settings.latency_warmup,
+                    threads=LATENCY_THREADS,
+                )  # fmt: skip
                 medians.setdefault((name, batch), []).append(lat.median_ms)
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for (name, batch), values in medians.items():
@@ -229,7 +244,7 @@ def run_variant(
     path = result.save(art_dir / name)
     loaded = mp.load(path)
     acc, err, wrong = error_pct(result.model, bundle)
-    acc_loaded, err_loaded, _ = error_pct(loaded, bundle)
+    acc_loaded, _, _ = error_pct(loaded, bundle)
     x = bundle.test.tensors[0]
     diff = (logits_of(result.model, x) - logits_of(loaded, x)).abs().max().item()
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
@@ -257,7 +272,7 @@ def run_variant(
 def summarise(base: dict[str, Any], var: dict[str, Any]) -> None:
     """Add ratio, error increase, speedups and the target verdict to a variant record."""
     var["ratio"] = base["state_dict_bytes"] / var["bytes"]
-    var["error_increase_pp"] = var["test_error_pct"] - base["test_error_pct"]
+    var["error_increase_pp"] = 100.0 * (var["test_errors"] - base["test_errors"]) / base["n"]
     for b in ("b1", "b64"):
         var[f"{b}_speedup"] = base["latency"][f"{b}_median_ms"] / var["latency"][f"{b}_median_ms"]
     var["meets_target"] = bool(
@@ -275,14 +290,20 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
 
     model, summary = train_baseline(bundle, settings, args.seed)
     acc, err, wrong = error_pct(model, bundle)
-    log(f"baseline: {summary['seconds']:.0f} s training, test error {err:.2f} %")
+    split = "val" if args.val else "test"
+    log(f"baseline: {summary['seconds']:.0f} s training, {split} error {err:.2f} %")
     base: dict[str, Any] = {
         "model": MODEL_SPEC,
-        "train": {**settings.baseline, "seconds": summary["seconds"], "steps": summary["steps"],
-                  "final_loss": summary["final_loss"]},  # fmt: skip
+        "train": {
+            **settings.baseline,
+            "seconds": summary["seconds"],
+            "steps": summary["steps"],
+            "final_loss": summary["final_loss"],
+        },
         "test_accuracy": acc,
         "test_error_pct": err,
         "test_errors": wrong,
+        "n": len(bundle.test),
         "params": count_params(model),
         "nonzeros": count_nonzeros(model),
         "state_dict_bytes": state_dict_bytes(model),
@@ -296,7 +317,7 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
             vname, model, bundle, settings, args.seed, args.work / name
         )
         v = variants[vname]
-        log(f"{vname}: {v['compress_seconds']:.0f} s, test error {v['test_error_pct']:.2f} %, "
+        log(f"{vname}: {v['compress_seconds']:.0f} s, {split} error {v['test_error_pct']:.2f} %, "
             f"{v['bytes']:,} bytes, reload equal: {v['reload_accuracy_equal']}")  # fmt: skip
 
     # latency last, after all training, interleaved over the baseline and reloaded models
@@ -337,9 +358,11 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
     ]]  # fmt: skip
     for vname, v in variants.items():
         vl = v["latency"]
+        label = f"prune {s['sparsity']:.0%} + ft + {vname}"
         rows.append([
-            f"prune {s['sparsity']:.0%} + ft + {vname}", f"{v['test_error_pct']:.2f}",
-            f"{v['error_increase_pp']:+.2f}", f"{v['nonzeros']:,}", f"{v['bytes']:,}",
+            label + (" (int4 pick)" if vname == s["int4_pick"] else ""),
+            f"{v['test_error_pct']:.2f}", f"{v['error_increase_pp']:+.2f}",
+            f"{v['nonzeros']:,}", f"{v['bytes']:,}",
             f"{v['ratio']:.1f}×", f"{vl['b1_median_ms'] * 1e3:.0f} ({v['b1_speedup']:.2f}×)",
             f"{vl['b64_median_ms'] * 1e3:.0f} ({v['b64_speedup']:.2f}×)",
             "yes" if v["reload_accuracy_equal"] else "**no**",
@@ -350,6 +373,13 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         "latency b1 µs (speedup)", "latency b64 µs (speedup)", "reload = in-memory", "target met",
     ]  # fmt: skip
     met = [k for k, v in variants.items() if v["meets_target"]]
+    pick = [k for k in ("int8-channel", s["int4_pick"]) if k in variants]
+    verdict = "; ".join(
+        f"{k}: {variants[k]['ratio']:.1f}× smaller, "
+        f"{variants[k]['error_increase_pp']:+.2f} pp — "
+        + ("**met**" if variants[k]["meets_target"] else "**missed**")
+        for k in pick
+    )
     title = f"# LeNet-300-100 on MNIST{' (quick smoke run)' if data['mode'] == 'quick' else ''}"
     if split == "val":
         title += " — validation run (for tuning; not the reported result)"
@@ -357,10 +387,13 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         title,
         f"Target: **≥ {TARGET_RATIO:.0f}× smaller file at ≤ {TARGET_ERROR_PP} pp error "
         f"increase** over the fp32 baseline. "
-        + (f"Met by {len(met)} of {len(variants)} variants ({', '.join(met)})."
-           if met else "Not met by any variant."),  # fmt: skip
+        f"The two headline variants — 8-bit, and the 4-bit grid picked on the validation "
+        f"split ({s['int4_pick']}) — {verdict}. Over all {len(variants)} variants shown, "
+        + (f"{len(met)} met it ({', '.join(met)})." if met else "none met it."),
         markdown_table(headers, rows, align="lrrrrrrrcc"),
         _explanation(data),
+        "## How the settings were chosen",
+        TUNING_NOTE,
         "## Stage by stage (first variant)",
         _stage_table(base, next(iter(variants.values()))),
         "## Run",
@@ -372,8 +405,11 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
 def _explanation(data: dict[str, Any]) -> str:
     s, base = data["settings"], data["baseline"]
     b, ft = s["baseline"], s["finetune"]
-    split = "the 10,000 MNIST test images" if data["evaluation_split"] == "test" else (
-        f"{data['evaluation_images']:,} training images held out as a validation split")
+    split = (
+        "the 10,000 MNIST test images"
+        if data["evaluation_split"] == "test"
+        else (f"{data['evaluation_images']:,} training images held out as a validation split")
+    )
     return (
         f"Errors are on {split}; one image is "
         f"{100 / data['evaluation_images']:.2f} pp. The baseline is `{base['model']}` trained "
@@ -389,11 +425,11 @@ def _explanation(data: dict[str, Any]) -> str:
         "metrics) for the variants, and the `torch.save(state_dict)` file for the baseline; "
         "ratio = baseline bytes / variant bytes. Latency is the median forward pass over "
         f"{s['latency_runs']} runs with 1 thread (in {s['latency_rounds']} rounds that "
-        "alternate between the models; median of the round medians), torch eager, of the baseline and of the model "
-        "reloaded with `modelpress.load(dir)`, measured in the same run; the reloaded model "
-        "holds dense fp32 weights with zeros, so no speedup is expected. *reload = in-memory*: "
-        "the reloaded model's accuracy equals the in-memory compressed model's exactly "
-        "(the JSON also has the max |logit| difference)."
+        "alternate between the models; median of the round medians), torch eager, of the "
+        "baseline and of the model reloaded with `modelpress.load(dir)`, measured in the same "
+        "run; the reloaded model holds dense fp32 weights with zeros, so no speedup is "
+        "expected. *reload = in-memory*: the reloaded model's accuracy equals the in-memory "
+        "compressed model's exactly (the JSON also has the max |logit| difference)."
     )
 
 

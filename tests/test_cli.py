@@ -170,7 +170,8 @@ def test_compress_with_yaml_recipe_file(demo: DemoRun, tmp_path: Path) -> None:
     assert manifest["recipe"]["name"] == "mine"
     stages = manifest["stages"]
     assert [s["technique"] for s in stages] == ["prune.magnitude", "quant.rtn"]
-    assert stages[0]["config"]["sparsity"] == 0.5 and stages[1]["config"]["bits"] == 4
+    steps = manifest["recipe"]["stages"]
+    assert steps[0]["sparsity"] == 0.5 and steps[1]["bits"] == 4
 
 
 # --- train --------------------------------------------------------------------------------

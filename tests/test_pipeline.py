@@ -70,3 +70,11 @@ def test_same_seed_same_model(mlp, digits):
         runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_saved_size_is_recorded_exactly(mlp, digits, tmp_path):
+    result = mp.compress(mlp, "int4", data=digits, latency_runs=0)
+    path = result.save(tmp_path / "a")
+    size = mp.measure.directory_bytes(path)
+    assert result.final["bytes"] == size
+    assert mp.artifact.read_manifest(path)["metrics"]["final"]["bytes"] == size

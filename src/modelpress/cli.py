@@ -69,8 +69,8 @@ def demo(
     recipe = mp.Recipe.builtin("demo")
     out.print(f"[bold]2.[/] compressing with recipe '{recipe.name}': {recipe.description}")
     result = mp.compress(model, recipe, data=bundle, seed=seed, progress=True)
-    out.print(result.rich_table())
     path = result.save(out_dir)
+    out.print(result.rich_table())
     reloaded = mp.load(path)
     acc = accuracy(reloaded, bundle.loader("test", 256))
     before = result.final["eval"]["accuracy"]
@@ -134,8 +134,9 @@ def compress(
     net = _model_for(model, bundle, seed)
     result = mp.compress(net, the_recipe, data=bundle, seed=seed, latency_runs=latency_runs,
                          progress=True)  # fmt: skip
+    path = result.save(out_dir)
     out.print(result.rich_table())
-    out.print(f"saved {result.save(out_dir)}")
+    out.print(f"saved {path}")
 
 
 @app.command()

@@ -109,7 +109,8 @@ class Context:
             DataError: no data was supplied.
         """
         if self.data is not None:
-            return self.data.loader("train", batch_size, shuffle=True, seed=self.seed + epoch)
+            order_seed = (self.seed * 1_000_003 + self.stage_index * 10_007 + epoch) % 2**63
+            return self.data.loader("train", batch_size, shuffle=True, seed=order_seed)
         if self.batches is not None:
             return self.batches
         raise DataError("this stage needs training data; pass data=... (e.g. --data digits).")

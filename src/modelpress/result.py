@@ -24,10 +24,9 @@ class StageRecord:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (stored in the artifact manifest)."""
+        """JSON-ready form (stored in the artifact manifest; the config is in the recipe)."""
         return {
             "technique": self.technique,
-            "config": self.config,
             "learned": self.learned,
             "metrics": self.metrics,
             "seconds": round(self.seconds, 3),
@@ -67,7 +66,18 @@ class Result:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the artifact (real packed bytes) with the recipe and metrics embedded."""
-        from modelpress.artifact import save_artifact
+        """Write the artifact (real packed bytes) with the recipe and metrics embedded.
 
-        return save_artifact(self.model, path, extra=self.to_dict())
+        The last stage's ``bytes`` becomes the size of the directory actually written, the
+        recorded metrics included (rewritten until the recorded number is the true one).
+        """
+        from modelpress.artifact import save_artifact
+        from modelpress.measure import directory_bytes
+
+        for _ in range(4):
+            saved = save_artifact(self.model, path, extra=self.to_dict())
+            size = directory_bytes(saved)
+            if not self.stages or self.stages[-1].metrics.get("bytes") == size:
+                break
+            self.stages[-1].metrics["bytes"] = size
+        return saved

@@ -11,7 +11,8 @@ from rich.table import Table
 
 CAPTION = (
     "baseline bytes: its torch.save(state_dict) file; stage bytes: the artifact directory "
-    "written after that stage (a saved artifact adds its recipe and metrics to the manifest)"
+    "written after that stage (once saved, the last row is the saved directory, its embedded "
+    "recipe and metrics included)"
 )
 
 
