@@ -96,6 +96,13 @@ class Settings:
             "int4-channel-sym": dict(bits=4, symmetric=True),
             "int4-g64": dict(bits=4, group_size=64),
             "int4-g64-sym": dict(bits=4, group_size=64, symmetric=True),
+            # then a short fine-tune through the 4-bit quantizer (straight-through estimator)
+            "int4-channel+qft": dict(
+                bits=4,
+                then_train=dict(
+                    epochs=3, lr=1e-4, optimizer="adam", schedule="cosine", batch_size=128
+                ),
+            ),
         }
     )
     int4_pick: str = "int4-channel"  # the 4-bit variant chosen on the validation split
@@ -115,12 +122,17 @@ class Settings:
         )
 
     def recipe(self, name: str) -> mp.Recipe:
-        """prune.magnitude (global) -> train (fine-tune) -> quant.rtn with ``variants[name]``."""
+        """prune.magnitude (global) -> train (fine-tune) -> quant.rtn with ``variants[name]``
+        (-> train through the quantizer, for a variant with ``then_train``)."""
+        quant = dict(self.variants[name])
+        then_train = quant.pop("then_train", None)
         stages = (
             mp.Stage.of("prune.magnitude", sparsity=self.sparsity, scope="global"),
             mp.Stage.of("train", **self.finetune),
-            mp.Stage.of("quant.rtn", **self.variants[name]),
+            mp.Stage.of("quant.rtn", **quant),
         )
+        if then_train:
+            stages += (mp.Stage.of("train", **then_train),)
         return mp.Recipe(stages=stages, name=f"lenet-prune{round(self.sparsity * 100)}-ft-{name}")
 
 
@@ -419,7 +431,8 @@ def _explanation(data: dict[str, Any]) -> str:
         f"{s['sparsity']}) → `train` ({ft['epochs']} epochs, {ft['optimizer']}, lr {ft['lr']}, "
         f"{ft['schedule']}) → `quant.rtn` (weight-only, round to nearest, min-max grid; "
         "`channel` = one scale per output row, `g64` = one per 64 inputs, `sym` = symmetric, "
-        "else asymmetric; fp16 scales). "
+        "else asymmetric; fp16 scales); `+qft` adds a last `train` stage (3 epochs, adam, "
+        "lr 1e-4, cosine) that fine-tunes through the 4-bit quantizer, masks and grid kept. "
         "*bytes on disk* is the whole artifact directory written by `result.save(dir)` "
         "(packed codes, sparse indices, scales, and a manifest that embeds the recipe and "
         "metrics) for the variants, and the `torch.save(state_dict)` file for the baseline; "
