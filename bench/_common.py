@@ -68,13 +68,14 @@ def data_dir(arg: str | os.PathLike[str] | None, require: str | None = None) -> 
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the repository, plus ``-dirty`` if ``git status`` shows changes.
+    """``git rev-parse HEAD`` of the repository, plus ``-dirty`` if ``git status`` shows changes
+    outside ``bench/results/`` (result files rewritten by an earlier run change no code).
 
     Returns ``"unknown"`` when git or the repository is not available.
     """
     try:
         head = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain")
+        dirty = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")

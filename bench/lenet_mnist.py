@@ -449,11 +449,13 @@ def _explanation(data: dict[str, Any]) -> str:
 def _stage_table(base: dict[str, Any], var: dict[str, Any]) -> str:
     rows = [["baseline", f"{base['test_error_pct']:.2f}", f"{base['nonzeros']:,}",
              f"{base['state_dict_bytes']:,}", "torch.save(state_dict)"]]  # fmt: skip
+    last = len(var["stages"])
     for i, st in enumerate(var["stages"], 1):
         m = st["metrics"]
+        what = "the saved artifact" if i == last else "artifact, no embedded metrics"
         rows.append([
             f"{i}. {st['technique']}", f"{100 * (1 - m['eval']['accuracy']):.2f}",
-            f"{m['nonzeros']:,}", f"{m['bytes']:,}", "artifact, no embedded metrics",
+            f"{m['nonzeros']:,}", f"{m['bytes']:,}", what,
         ])  # fmt: skip
     return markdown_table(["after", "error %", "nonzeros", "bytes", "what the bytes are"], rows,
                           align="lrrrl")  # fmt: skip
