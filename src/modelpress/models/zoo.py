@@ -69,6 +69,7 @@ class LeNet300100(nn.Module):
         self.fc3 = nn.Linear(100, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for inputs ``(B, *input_shape)``."""
         x = self.flatten(x)  # (B, prod(input_shape))
         x = self.relu2(self.fc2(self.relu1(self.fc1(x))))  # (B, 100)
         return self.fc3(x)  # (B, num_classes)
@@ -98,6 +99,7 @@ class LeNet5(nn.Module):
         return self.flatten(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``."""
         return self.fc2(self.relu(self.fc1(self._features(x))))  # (B, num_classes)
 
 
@@ -118,6 +120,7 @@ class MLP(nn.Module):
                     self.add_module(f"drop{i}", nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``: the layers in registration order."""
         for layer in self.children():  # registration order: flatten, fc1, relu1, ...
             x = layer(x)
         return x  # (B, num_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelpress.data import DataBundle
 from modelpress.models.source import ModelSource, tag_source
 
 
@@ -35,7 +36,7 @@ def tiny_convnet(num_classes: int = 10) -> nn.Module:
     )
 
 
-def trained_mlp(epochs: int = 15, seed: int = 0) -> tuple[nn.Module, object]:
+def trained_mlp(epochs: int = 15, seed: int = 0) -> tuple[nn.Module, DataBundle]:
     """``zoo:mlp`` trained on digits for a few seconds, and the digits bundle."""
     from modelpress.data import load_data
     from modelpress.models import load_model
