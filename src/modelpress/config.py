@@ -79,7 +79,12 @@ def _first_error_message(cls: type[TechniqueConfig], exc: ValidationError, owner
     got = err.get("input")
     if field_name in cls.model_fields:
         expected = describe_field(cls.model_fields[field_name])
-        return f"The {field_name!r} parameter of {owner} must be {expected}. Got {got!r} instead."
+        why = ""
+        if err.get("type") == "value_error":  # a field validator said what is wrong
+            why = " (" + str(err.get("msg", "")).removeprefix("Value error, ") + ")"
+        return (
+            f"The {field_name!r} parameter of {owner} must be {expected}. Got {got!r} instead{why}."
+        )
     # a model-level validator: its message already names the parameters
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"Invalid parameters for {owner}: {msg}"

@@ -46,10 +46,18 @@ class ArtifactError(ModelpressError, ValueError):
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
-    """Return `` (did you mean 'x'?)`` for the nearest names in ``choices``, or ``''``."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
-    if not close:
+    """Return `` (did you mean 'x'?)`` for the nearest names in ``choices``, or ``''``.
+
+    Names are ranked by :class:`difflib.SequenceMatcher` ratio; only those within 0.1 of
+    the best (and above 0.5) are offered, at most ``n``.
+    """
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in choices), reverse=True
+    )
+    if not scored or scored[0][0] < 0.5:
         return ""
+    best = scored[0][0]
+    close = [c for r, c in scored[:n] if r >= max(0.5, best - 0.1)]
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 

@@ -61,6 +61,12 @@ def _first_inputs(batches: Iterable[Batch]) -> Any:
 def _check_needs(recipe: Recipe, ctx: Context) -> None:
     for i, stage in enumerate(recipe.stages, 1):
         needs = get_technique(stage.technique).needs
+        later = [s.technique for s in recipe.stages[i:]]
+        if "later_train" in needs and "train" not in later:
+            raise ConfigError(
+                f"stage {i} ({stage.technique}) acts during training: put a 'train' stage "
+                "after it in the recipe."
+            )
         if needs & {"training", "calibration"} and not ctx.has_data():
             kind = "training" if "training" in needs else "calibration"
             raise DataError(

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from modelpress.context import Context
 
-Need = Literal["calibration", "training", "teacher"]
+Need = Literal["calibration", "training", "teacher", "later_train"]
 ApplyFn = Callable[["nn.Module", TechniqueConfig, "Context"], "nn.Module"]
 F = TypeVar("F", bound=ApplyFn)
 
@@ -51,7 +51,9 @@ def technique(
     Args:
         name: the registry key, ``family.name`` (e.g. ``prune.magnitude``) or ``train``.
         config_cls: the technique's :class:`~modelpress.config.TechniqueConfig` subclass.
-        needs: what the pipeline must supply: calibration batches, training data, a teacher.
+        needs: what the pipeline must supply: calibration batches, training data, a teacher,
+            or ``later_train``: a ``train`` stage after this one (the technique acts as a
+            callback during that training).
     """
 
     def register(fn: F) -> F:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from modelpress.recipe import Stage
 from modelpress.registry import technique_names
 from modelpress.testing import check_technique, tiny_convnet
 
-# technique -> (params, min cosine, artifact must shrink, has targets)
+# technique -> params, min output cosine, artifact must shrink, has targets, stages after it
 CASES = {
-    "prune.magnitude": ({"sparsity": 0.5}, 0.95, True, True),
-    "quant.rtn": ({"bits": 4, "group_size": 16}, 0.98, True, True),
-    "train": ({"max_steps": 5, "lr": 1e-4}, 0.98, False, False),
+    "prune.magnitude": ({"sparsity": 0.5}, 0.95, True, True, ()),
+    "prune.random": ({"sparsity": 0.2}, 0.8, True, True, ()),
+    "prune.nm": ({"n": 2, "m": 4}, 0.9, True, True, ()),
+    "prune.gradual": ({"sparsity": 0.5, "frequency": 2}, 0.9, True, True, ("train",)),
+    "quant.rtn": ({"bits": 4, "group_size": 16}, 0.98, True, True, ()),
+    "train": ({"max_steps": 5, "lr": 1e-4}, 0.98, False, False, ()),
 }
+# the convnet's first conv has one input channel: N:M cannot group it
+CONVNET_EXTRA = {"prune.nm": {"ignore": ["conv1"]}, "prune.gradual": {}}
 
 
 def test_every_technique_has_a_contract_case():
@@ -22,12 +28,13 @@ def test_every_technique_has_a_contract_case():
 @pytest.mark.parametrize(
     ("name", "model_kind"),
     [(n, "mlp") for n in sorted(CASES)]
-    + [(n, "convnet") for n in ("prune.magnitude", "quant.rtn")],
+    + [(n, "convnet") for n in ("prune.magnitude", "prune.nm", "prune.gradual", "quant.rtn")],
 )
 def test_contract(name, model_kind, mlp, digits):
-    params, min_cos, smaller, targeted = CASES[name]
+    params, min_cos, smaller, targeted, after = CASES[name]
     model = mlp if model_kind == "mlp" else tiny_convnet()  # the convnet is untrained
-    min_cos = min_cos if model_kind == "mlp" else 0.9
+    if model_kind == "convnet":
+        params, min_cos = {**params, **CONVNET_EXTRA.get(name, {})}, 0.85
     report = check_technique(
         name,
         params,
@@ -37,6 +44,7 @@ def test_contract(name, model_kind, mlp, digits):
         min_cosine=min_cos,
         expect_smaller=smaller,
         targeted=targeted,
+        followed_by=[Stage.of(t, max_steps=10, lr=1e-4) for t in after],
     )
     assert report["cosine"] >= min_cos
     if smaller:

@@ -17,6 +17,7 @@ import copy
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def check_technique(
     min_cosine: float = 0.95,
     expect_smaller: bool = True,
     targeted: bool = True,
+    followed_by: Sequence[Stage] = (),
 ) -> dict[str, Any]:
     """Run the whole contract for technique ``name`` with ``params`` on ``model``.
 
@@ -125,6 +127,8 @@ def check_technique(
         min_cosine: the tolerance of check 4: mean cosine similarity of output rows.
         expect_smaller: check 5 applies (False for stages that do not compress, like train).
         targeted: check 3 applies (the config has ``targets``).
+        followed_by: stages run after the technique's (e.g. the ``train`` stage a
+            training-time technique acts in).
 
     Returns:
         What was measured: ``cosine``, ``bytes_before``, ``bytes_after``.
@@ -135,8 +139,8 @@ def check_technique(
     check_config(name, params)
     if targeted:
         try:
-            compress(model, [Stage.of(name, **params, targets=["re:no_such_module"])], data=data,
-                     latency_runs=0)  # fmt: skip
+            stages = [Stage.of(name, **params, targets=["re:no_such_module"]), *followed_by]
+            compress(model, stages, data=data, latency_runs=0)
         except NoMatchingModulesError as exc:
             if "no_such_module" not in str(exc):
                 raise ContractError(
@@ -145,8 +149,8 @@ def check_technique(
         else:
             raise ContractError(f"{name}: a selector matching nothing was accepted")
     before = copy.deepcopy(model.state_dict())
-    runs = [compress(model, [Stage.of(name, **params)], data=data, seed=0, latency_runs=0)
-            for _ in range(2)]  # fmt: skip
+    recipe = [Stage.of(name, **params), *followed_by]
+    runs = [compress(model, recipe, data=data, seed=0, latency_runs=0) for _ in range(2)]
     if any(not torch.equal(before[k], v) for k, v in model.state_dict().items()):
         raise ContractError(f"{name}: the input model was changed")
     ref, out = _outputs(model, inputs), _outputs(runs[0].model, inputs)

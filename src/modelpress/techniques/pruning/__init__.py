@@ -1,3 +1,3 @@
-"""Pruning: remove weights (unstructured masks now; N:M and structured in later issues)."""
+"""Pruning: unstructured (magnitude, random, gradual) and N:M semi-structured masks."""
 
-from modelpress.techniques.pruning import magnitude  # noqa: F401
+from modelpress.techniques.pruning import gradual, magnitude, nm, random  # noqa: F401
