@@ -1,4 +1,4 @@
-"""Small reference models (``zoo:NAME``): LeNet-300-100, LeNet-5 and a plain MLP.
+"""Small reference models (``zoo:NAME``): LeNet-300-100, LeNet-5, a plain MLP and CIFAR ResNets.
 
 Every builder takes keyword arguments ``input_shape`` (one sample, e.g. ``(1, 28, 28)``)
 and ``num_classes``, plus its own, and returns an ``nn.Module`` with named layers
@@ -201,11 +201,153 @@ def mlp(
     return MLP(math.prod(shape), tuple(int(w) for w in widths), int(num_classes), float(dropout))
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two 3x3 convs with BatchNorm, plus the shortcut.
+
+    ``conv1 (stride s) -> bn1 -> relu1 -> conv2 -> bn2``, add the shortcut (identity, or
+    ``downsample`` = 1x1 conv with stride ``s`` and BatchNorm where the shape changes), then
+    ``relu2``. Each ReLU is its own module, so every module runs once per forward.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, channels, ceil(H / s), ceil(W / s))``."""
+        identity = x if self.downsample is None else self.downsample(x)  # (B, C, H', W')
+        out = self.relu1(self.bn1(self.conv1(x)))  # (B, C, H', W')
+        out = self.bn2(self.conv2(out))  # (B, C, H', W')
+        return self.relu2(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) of He et al. 2016, section 4.2, with Distiller's module names.
+
+    Stem ``conv1`` (3x3, 16) -> ``bn1`` -> ``relu``; ``layer1``/``layer2``/``layer3`` of ``n``
+    ``BasicBlock`` each with 16/32/64 channels (the first block of layer2 and layer3 has
+    stride 2); ``avgpool`` (adaptive, to 1x1; the paper's 8x8 on 32x32 inputs) ->
+    ``flatten`` -> ``fc``. The state dict matches Distiller's ``resnet20_cifar`` checkpoints.
+
+    Parameters: ``97,216 n - 19,824 + 65 * num_classes`` for 3 input channels (each extra
+    input channel adds 144), i.e. 272,474 / 466,906 / 855,770 for n = 3 / 5 / 9 and 10 classes.
+    """
+
+    def __init__(self, in_channels: int, blocks_per_stage: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.layer1 = self._stage(16, 16, blocks_per_stage, stride=1)
+        self.layer2 = self._stage(16, 32, blocks_per_stage, stride=2)
+        self.layer3 = self._stage(32, 64, blocks_per_stage, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_channels: int, channels: int, n: int, stride: int) -> nn.Sequential:
+        blocks = [BasicBlock(in_channels, channels, stride)]
+        blocks += [BasicBlock(channels, channels, 1) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for images ``(B, C, H, W)``."""
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, 16, H, W)
+        x = self.layer1(x)  # (B, 16, H, W)
+        x = self.layer2(x)  # (B, 32, H/2, W/2)
+        x = self.layer3(x)  # (B, 64, H/4, W/4)
+        x = self.flatten(self.avgpool(x))  # (B, 64)
+        return self.fc(x)  # (B, num_classes)
+
+
+def _cifar_resnet(
+    name: str, blocks_per_stage: int, input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    """Validate the arguments and build a ``CifarResNet`` (shared by the ``resnetNN`` builders)."""
+    shape = _check_common(name, input_shape, num_classes)
+    if len(shape) != 3:
+        raise ModelError(f"zoo:{name}: input_shape must be (C, H, W); got {shape}")
+    return CifarResNet(shape[0], blocks_per_stage, int(num_classes))
+
+
+@_register("resnet20", "CIFAR ResNet-20 (He et al. 2016), 3x3 blocks, 16/32/64 ch; 272,474 params")
+def resnet20(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build the CIFAR ResNet-20 (He et al. 2016, section 4.2): 3 stages of 3 BasicBlocks
+    with 16/32/64 channels; 272,474 parameters for 10 classes (see ``CifarResNet``).
+
+    Args:
+        input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
+        num_classes: Output width of ``fc``.
+
+    Returns:
+        A ``CifarResNet`` with Distiller's module names (``conv1``, ``layer2.0.downsample.0``,
+        ``fc``, ...).
+
+    Raises:
+        ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
+    """
+    return _cifar_resnet("resnet20", 3, input_shape, num_classes)
+
+
+@_register("resnet32", "CIFAR ResNet-32 (He et al. 2016), 5x3 blocks, 16/32/64 ch; 466,906 params")
+def resnet32(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build the CIFAR ResNet-32 (He et al. 2016, section 4.2): 3 stages of 5 BasicBlocks
+    with 16/32/64 channels; 466,906 parameters for 10 classes (see ``CifarResNet``).
+
+    Args:
+        input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
+        num_classes: Output width of ``fc``.
+
+    Returns:
+        A ``CifarResNet`` with Distiller's module names (``conv1``, ``layer2.0.downsample.0``,
+        ``fc``, ...).
+
+    Raises:
+        ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
+    """
+    return _cifar_resnet("resnet32", 5, input_shape, num_classes)
+
+
+@_register("resnet56", "CIFAR ResNet-56 (He et al. 2016), 9x3 blocks, 16/32/64 ch; 855,770 params")
+def resnet56(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build the CIFAR ResNet-56 (He et al. 2016, section 4.2): 3 stages of 9 BasicBlocks
+    with 16/32/64 channels; 855,770 parameters for 10 classes (see ``CifarResNet``).
+
+    Args:
+        input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
+        num_classes: Output width of ``fc``.
+
+    Returns:
+        A ``CifarResNet`` with Distiller's module names (``conv1``, ``layer2.0.downsample.0``,
+        ``fc``, ...).
+
+    Raises:
+        ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
+    """
+    return _cifar_resnet("resnet56", 9, input_shape, num_classes)
+
+
 def zoo_names() -> list[str]:
     """List the registered zoo model names.
 
     Returns:
-        The names, in registration order (``lenet-300-100``, ``lenet5``, ``mlp``).
+        The names, in registration order (``lenet-300-100``, ``lenet5``, ``mlp``,
+            ``resnet20``, ``resnet32``, ``resnet56``).
     """
     return list(ZOO)
 
