@@ -89,6 +89,7 @@ def test_gradual_reaches_the_target_on_schedule(mlp, digits):
     steps, levels = zip(*schedule, strict=True)
     assert steps[0] == 0 and steps[-1] == 20 and list(levels) == sorted(levels)
     assert levels[-1] == 0.8 and result.stages[0].metrics["nonzeros"] == result.baseline["nonzeros"]
+    assert result.stages[1].learned["sparsity"] == {"fc1": 0.8, "fc2": 0.8, "fc3": 0.8}
 
 
 def test_gradual_to_2_of_4(mlp, digits):

@@ -107,6 +107,8 @@ class GradualPruning(Callback):
             self.prune_to(self.cfg.final_sparsity)
             self.history.append((state.step, round(self.cfg.final_sparsity, 4)))
         self.ctx.report("schedule", self.history)
+        zeros = {n: float((effective_tensor(m) == 0).float().mean()) for n, m in self.selected}
+        self.ctx.report("sparsity", {n: round(z, 4) for n, z in zeros.items()})
 
 
 @technique("prune.gradual", GradualConfig, needs=("later_train",))
