@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 import modelpress
 from modelpress.errors import ModelpressError
@@ -207,3 +208,32 @@ def main_guard(main: Callable[[list[str] | None], int]) -> None:
         print("interrupted; no results written.", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+VAL_SIZE, VAL_SPLIT_SEED = 5_000, 20_240_601  # --val: a fixed split, independent of --seed
+
+
+def log(msg: str) -> None:
+    """Progress on stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def mnist_bundle(
+    root: Path, *, val: bool, train_samples: int | None, seed: int
+) -> modelpress.DataBundle:
+    """MNIST as a bundle; with ``val`` its test split is 5,000 held-out *training* images
+    (the same fixed split for every benchmark); ``train_samples`` keeps a seeded subset."""
+    bundle = modelpress.load_data(f"mnist:{root / 'mnist'}")
+    train, test, spec = bundle.train, bundle.test, bundle.spec
+    if val:
+        x, y = train.tensors
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        hold, keep = order[:VAL_SIZE], order[VAL_SIZE:]
+        train, test = TensorDataset(x[keep], y[keep]), TensorDataset(x[hold], y[hold])
+        spec += f" (validation: {VAL_SIZE} training images held out)"
+    if train_samples is not None:
+        x, y = train.tensors
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        train = TensorDataset(x[pick[:train_samples]], y[pick[:train_samples]])
+        spec += f" (subset: {train_samples} training images)"
+    return modelpress.DataBundle(spec, train, test, bundle.num_classes, bundle.input_shape)

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import modelpress as mp
 from modelpress.measure import (
@@ -46,8 +45,10 @@ from _common import (
     RESULTS_DIR,
     WORK_DIR,
     data_dir,
+    log,
     main_guard,
     markdown_table,
+    mnist_bundle,
     run_info,
     run_info_markdown,
     write_results,
@@ -60,7 +61,6 @@ TARGET_ERROR_PP = 0.2  # at most this many percentage points more test error
 # 1 training thread: on a shared 2-core machine, 2 threads are up to 10x slower whenever
 # another process is busy; results depend on the thread count, so it is fixed and recorded
 TRAIN_THREADS, LATENCY_THREADS = 1, 1
-VAL_SIZE, VAL_SPLIT_SEED = 5_000, 20_240_601  # --val: fixed split, independent of --seed
 
 TUNING_NOTE = (
     "On a validation split, never on the test set: `python bench/lenet_mnist.py --val` trains "
@@ -152,30 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    """Progress on stderr."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- data
-
-
 def load_bundle(root: Path, settings: Settings, val: bool, seed: int) -> mp.DataBundle:
-    """MNIST as a bundle; with ``val`` its test split is 5,000 held-out *training* images."""
-    bundle = mp.load_data(f"mnist:{root / 'mnist'}")
-    train, test, spec = bundle.train, bundle.test, bundle.spec
-    if val:
-        x, y = train.tensors
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-        hold, keep = order[:VAL_SIZE], order[VAL_SIZE:]
-        train, test = TensorDataset(x[keep], y[keep]), TensorDataset(x[hold], y[hold])
-        spec += f" (validation: {VAL_SIZE} training images held out)"
-    if settings.train_samples is not None:
-        x, y = train.tensors
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        train = TensorDataset(x[pick[: settings.train_samples]], y[pick[: settings.train_samples]])
-        spec += f" (subset: {settings.train_samples} training images)"
-    return mp.DataBundle(spec, train, test, bundle.num_classes, bundle.input_shape)
+    """MNIST (see ``_common.mnist_bundle``) with this benchmark's training subset."""
+    return mnist_bundle(root, val=val, train_samples=settings.train_samples, seed=seed)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -285,10 +285,15 @@ def _cifar_resnet(
     return CifarResNet(shape[0], blocks_per_stage, int(num_classes))
 
 
-@_register("resnet20", "CIFAR ResNet-20 (He et al. 2016), 3x3 blocks, 16/32/64 ch; 272,474 params")
-def resnet20(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the CIFAR ResNet-20 (He et al. 2016, section 4.2): 3 stages of 3 BasicBlocks
-    with 16/32/64 channels; 272,474 parameters for 10 classes (see ``CifarResNet``).
+def _resnet_builder(depth: int, blocks: int, params: str) -> Callable[..., nn.Module]:
+    """A registered builder of the CIFAR ResNet-``depth`` (``blocks`` per stage)."""
+
+    def build(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        return _cifar_resnet(f"resnet{depth}", blocks, input_shape, num_classes)
+
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"""Build the CIFAR ResNet-{depth} (He et al. 2016, section 4.2): 3 stages of
+    {blocks} BasicBlocks with 16/32/64 channels; {params} parameters for 10 classes.
 
     Args:
         input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
@@ -301,45 +306,15 @@ def resnet20(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     Raises:
         ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
     """
-    return _cifar_resnet("resnet20", 3, input_shape, num_classes)
+    description = (
+        f"CIFAR ResNet-{depth} (He et al. 2016), {blocks}x3 blocks, 16/32/64 ch; {params} params"
+    )
+    return _register(f"resnet{depth}", description)(build)
 
 
-@_register("resnet32", "CIFAR ResNet-32 (He et al. 2016), 5x3 blocks, 16/32/64 ch; 466,906 params")
-def resnet32(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the CIFAR ResNet-32 (He et al. 2016, section 4.2): 3 stages of 5 BasicBlocks
-    with 16/32/64 channels; 466,906 parameters for 10 classes (see ``CifarResNet``).
-
-    Args:
-        input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
-        num_classes: Output width of ``fc``.
-
-    Returns:
-        A ``CifarResNet`` with Distiller's module names (``conv1``, ``layer2.0.downsample.0``,
-        ``fc``, ...).
-
-    Raises:
-        ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
-    """
-    return _cifar_resnet("resnet32", 5, input_shape, num_classes)
-
-
-@_register("resnet56", "CIFAR ResNet-56 (He et al. 2016), 9x3 blocks, 16/32/64 ch; 855,770 params")
-def resnet56(*, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the CIFAR ResNet-56 (He et al. 2016, section 4.2): 3 stages of 9 BasicBlocks
-    with 16/32/64 channels; 855,770 parameters for 10 classes (see ``CifarResNet``).
-
-    Args:
-        input_shape: ``(C, H, W)`` of one sample; ``C`` is the stem's input channels.
-        num_classes: Output width of ``fc``.
-
-    Returns:
-        A ``CifarResNet`` with Distiller's module names (``conv1``, ``layer2.0.downsample.0``,
-        ``fc``, ...).
-
-    Raises:
-        ModelError: ``input_shape`` is not ``(C, H, W)`` or ``num_classes`` is not positive.
-    """
-    return _cifar_resnet("resnet56", 9, input_shape, num_classes)
+resnet20 = _resnet_builder(20, 3, "272,474")
+resnet32 = _resnet_builder(32, 5, "466,906")
+resnet56 = _resnet_builder(56, 9, "855,770")
 
 
 def zoo_names() -> list[str]:
