@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 import modelpress
 from modelpress.errors import ModelpressError
+from modelpress.measure import accuracy, measure_latency
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -237,3 +238,48 @@ def mnist_bundle(
         train = TensorDataset(x[pick[:train_samples]], y[pick[:train_samples]])
         spec += f" (subset: {train_samples} training images)"
     return modelpress.DataBundle(spec, train, test, bundle.num_classes, bundle.input_shape)
+
+
+def error_pct(model: torch.nn.Module, bundle: modelpress.DataBundle) -> tuple[float, float, int]:
+    """``(accuracy, error %, wrong predictions)`` on the bundle's test split."""
+    acc = accuracy(model, bundle.loader("test", batch_size=1000))
+    n = len(bundle.test)
+    wrong = n - round(acc * n)
+    return acc, 100.0 * wrong / n, wrong
+
+
+def interleaved_latency(
+    models: dict[str, torch.nn.Module],
+    x: torch.Tensor,
+    *,
+    batches: Sequence[int],
+    runs: int,
+    rounds: int,
+    warmup: int,
+    threads: int,
+) -> dict[str, dict[str, float]]:
+    """Forward latency (ms) of each model at each batch size, timed in interleaved rounds.
+
+    ``runs`` timed runs are split into ``rounds`` rounds and every round times each model in
+    turn, so background load on the machine hits all models alike. Reported per model and
+    batch size ``b``: ``b{b}_median_ms`` (the median of the round medians) and the lowest and
+    highest round medians.
+    """
+    per_round = max(runs // rounds, 1)
+    medians: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for batch in batches:
+                lat = measure_latency(
+                    model, x[:batch], runs=per_round, warmup=warmup, threads=threads
+                )
+                medians.setdefault((name, batch), []).append(lat.median_ms)
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for (name, batch), values in medians.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        out[name] |= {
+            f"b{batch}_median_ms": float(t.median()),
+            f"b{batch}_min_round_ms": float(t.min()),
+            f"b{batch}_max_round_ms": float(t.max()),
+        }
+    return out

@@ -31,11 +31,9 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.measure import (
-    accuracy,
     count_nonzeros,
     count_params,
     directory_bytes,
-    measure_latency,
     state_dict_bytes,
 )
 from modelpress.train import train_model
@@ -45,6 +43,8 @@ from _common import (
     RESULTS_DIR,
     WORK_DIR,
     data_dir,
+    error_pct,
+    interleaved_latency,
     log,
     main_guard,
     markdown_table,
@@ -170,39 +170,14 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def error_pct(model: nn.Module, bundle: mp.DataBundle) -> tuple[float, float, int]:
-    """``(accuracy, error %, wrong predictions)`` on the bundle's test split."""
-    acc = accuracy(model, bundle.loader("test", batch_size=1000))
-    n = len(bundle.test)
-    wrong = n - round(acc * n)
-    return acc, 100.0 * wrong / n, wrong
-
-
 def latencies(
     models: dict[str, nn.Module], x: torch.Tensor, settings: Settings
 ) -> dict[str, dict[str, float]]:
-    """Forward latency (ms, 1 thread) of each model at batch 1 and 64, interleaved.
-
-    The timed runs are split into ``latency_rounds`` rounds and every round times each
-    model in turn, so background load on the machine hits all models alike. Reported per
-    model and batch size: the median of all round medians, and the lowest and highest.
-    """
-    runs = max(settings.latency_runs // settings.latency_rounds, 1)
-    medians: dict[tuple[str, int], list[float]] = {}
-    for _ in range(settings.latency_rounds):
-        for name, model in models.items():
-            for batch in (1, 64):
-                lat = measure_latency(
-                    model, x[:batch], runs=runs, warmup=settings.latency_warmup,
-                    threads=LATENCY_THREADS,
-                )  # fmt: skip
-                medians.setdefault((name, batch), []).append(lat.median_ms)
-    out: dict[str, dict[str, float]] = {name: {} for name in models}
-    for (name, batch), values in medians.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        out[name] |= {f"b{batch}_median_ms": float(t.median()), f"b{batch}_min_round_ms":
-                      float(t.min()), f"b{batch}_max_round_ms": float(t.max())}  # fmt: skip
-    return out
+    """Forward latency (ms, 1 thread) of each model at batch 1 and 64, interleaved rounds."""
+    return interleaved_latency(
+        models, x, batches=(1, 64), runs=settings.latency_runs,
+        rounds=settings.latency_rounds, warmup=settings.latency_warmup, threads=LATENCY_THREADS,
+    )  # fmt: skip
 
 
 def sha256(path: Path) -> str:

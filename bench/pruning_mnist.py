@@ -40,11 +40,9 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.measure import (
-    accuracy,
     count_nonzeros,
     count_params,
     directory_bytes,
-    measure_latency,
     state_dict_bytes,
 )
 from modelpress.train import train_model
@@ -54,6 +52,8 @@ from _common import (
     RESULTS_DIR,
     WORK_DIR,
     data_dir,
+    error_pct,
+    interleaved_latency,
     log,
     main_guard,
     markdown_table,
@@ -210,14 +210,6 @@ def load_bundle(root: Path, settings: Settings, val: bool, seed: int) -> mp.Data
 # --------------------------------------------------------------------------- measurements
 
 
-def error_pct(model: nn.Module, bundle: mp.DataBundle) -> tuple[float, float, int]:
-    """``(accuracy, error %, wrong predictions)`` on the bundle's test split."""
-    acc = accuracy(model, bundle.loader("test", batch_size=1000))
-    n = len(bundle.test)
-    wrong = n - round(acc * n)
-    return acc, 100.0 * wrong / n, wrong
-
-
 def weight_stats(model: nn.Module) -> dict[str, Any]:
     """Per-layer weight counts and zeros of a plain (reloaded, unparametrized) model."""
     layers = {}
@@ -329,19 +321,10 @@ def latencies(
     """Batch-1 forward latency (ms, 1 thread) of each reloaded model, interleaved in rounds."""
     torch.set_num_threads(LATENCY_THREADS)
     models = {k: mp.load(p).eval() for k, p in paths.items()}
-    runs = max(settings.latency_runs // settings.latency_rounds, 1)
-    medians: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(settings.latency_rounds):
-        for k, model in models.items():
-            lat = measure_latency(model, x[:1], runs=runs, warmup=settings.latency_warmup,
-                                  threads=LATENCY_THREADS)  # fmt: skip
-            medians[k].append(lat.median_ms)
-    out = {}
-    for k, values in medians.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        out[k] = {"b1_median_ms": float(t.median()), "b1_min_round_ms": float(t.min()),
-                  "b1_max_round_ms": float(t.max())}  # fmt: skip
-    return out
+    return interleaved_latency(
+        models, x, batches=(1,), runs=settings.latency_runs, rounds=settings.latency_rounds,
+        warmup=settings.latency_warmup, threads=LATENCY_THREADS,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, Any]:

@@ -72,10 +72,12 @@ class Result:
         recorded metrics included (rewritten until the recorded number is the true one).
         """
         from modelpress.artifact import save_artifact
+        from modelpress.artifact.save import encode_model
         from modelpress.measure import directory_bytes
 
+        encoded = encode_model(self.model)  # the payload is the same on every rewrite
         for _ in range(4):
-            saved = save_artifact(self.model, path, extra=self.to_dict())
+            saved = save_artifact(self.model, path, extra=self.to_dict(), encoded=encoded)
             size = directory_bytes(saved)
             if not self.stages or self.stages[-1].metrics.get("bytes") == size:
                 break

@@ -88,6 +88,7 @@ def save_artifact(
     *,
     source: ModelSource | None = None,
     extra: dict[str, Any] | None = None,
+    encoded: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save ``model`` as an artifact directory at ``path`` and return the path.
 
@@ -99,13 +100,14 @@ def save_artifact(
         path: the artifact directory.
         source: how to rebuild the model; defaults to the source attached to the model.
         extra: more manifest entries (``recipe``, ``stages``, ``metrics``).
+        encoded: ``encode_model(model)`` if already computed (to write the same model twice).
 
     Raises:
         ArtifactError: ``path`` exists and is not an artifact (it is never overwritten).
     """
     dest = check_destination(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    records, payloads = encode_model(model)
+    records, payloads = encoded if encoded is not None else encode_model(model)
     source = source or source_of(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:

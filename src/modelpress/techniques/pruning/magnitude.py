@@ -12,13 +12,7 @@ from torch import nn
 from modelpress.context import Context
 from modelpress.parametrizations import effective_tensor
 from modelpress.registry import technique
-from modelpress.targeting import select_weighted
-from modelpress.techniques.pruning.unstructured import (
-    PRUNABLE,
-    UnstructuredConfig,
-    apply_masks,
-    sparsity_masks,
-)
+from modelpress.techniques.pruning.unstructured import UnstructuredConfig, prune_by_scores
 
 
 class MagnitudeConfig(UnstructuredConfig):
@@ -28,8 +22,6 @@ class MagnitudeConfig(UnstructuredConfig):
 @technique("prune.magnitude", MagnitudeConfig)
 def apply_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> nn.Module:
     """Zero the smallest-magnitude weights, layer-wise or globally, with kept masks."""
-    selected = select_weighted(model, cfg, owner="prune.magnitude", supported=PRUNABLE)
-    scores = {name: effective_tensor(m).abs() for name, m in selected}
-    masks = sparsity_masks(selected, scores, cfg.sparsity, cfg.scope, cfg.layer_sparsity)
-    apply_masks(selected, masks, ctx)
-    return model
+    return prune_by_scores(
+        model, cfg, ctx, "prune.magnitude", lambda module: effective_tensor(module).abs()
+    )

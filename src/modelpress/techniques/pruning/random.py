@@ -13,13 +13,7 @@ from torch import nn
 from modelpress.context import Context
 from modelpress.parametrizations import effective_tensor
 from modelpress.registry import technique
-from modelpress.targeting import select_weighted
-from modelpress.techniques.pruning.unstructured import (
-    PRUNABLE,
-    UnstructuredConfig,
-    apply_masks,
-    sparsity_masks,
-)
+from modelpress.techniques.pruning.unstructured import UnstructuredConfig, prune_by_scores
 
 
 class RandomConfig(UnstructuredConfig):
@@ -29,13 +23,11 @@ class RandomConfig(UnstructuredConfig):
 @technique("prune.random", RandomConfig)
 def apply_random(model: nn.Module, cfg: RandomConfig, ctx: Context) -> nn.Module:
     """Zero uniformly random weights (seeded), layer-wise or globally, with kept masks."""
-    selected = select_weighted(model, cfg, owner="prune.random", supported=PRUNABLE)
     gen = ctx.generator()
-    scores = {}
-    for name, module in selected:
+
+    def score(module: nn.Module) -> torch.Tensor:
         weight = effective_tensor(module)
         # weights already pruned rank lowest, so the sparsity reached is the one asked
-        scores[name] = torch.rand(weight.shape, generator=gen).masked_fill(weight == 0, -1.0)
-    masks = sparsity_masks(selected, scores, cfg.sparsity, cfg.scope, cfg.layer_sparsity)
-    apply_masks(selected, masks, ctx)
-    return model
+        return torch.rand(weight.shape, generator=gen).masked_fill(weight == 0, -1.0)
+
+    return prune_by_scores(model, cfg, ctx, "prune.random", score)

@@ -7,6 +7,7 @@ low scores lose more. Ties are broken by position (a stable sort): same scores, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from modelpress.config import TargetedConfig
 from modelpress.context import Context
-from modelpress.targeting import matches
+from modelpress.targeting import matches, select_weighted
 from modelpress.techniques.pruning.mask import set_mask
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -103,3 +104,19 @@ def apply_masks(selected: Selected, masks: dict[str, torch.Tensor], ctx: Context
         set_mask(modules[name], "weight", mask)
     if ctx is not None:
         ctx.report("sparsity", {n: round(1 - float(m.float().mean()), 4) for n, m in masks.items()})
+
+
+def prune_by_scores(
+    model: nn.Module,
+    cfg: UnstructuredConfig,
+    ctx: Context,
+    owner: str,
+    score: Callable[[nn.Module], torch.Tensor],
+) -> nn.Module:
+    """Select ``cfg``'s layers, score each weight with ``score(module)`` (higher = keep),
+    mask to ``cfg``'s sparsity (layer-wise or global, with overrides) and report."""
+    selected = select_weighted(model, cfg, owner=owner, supported=PRUNABLE)
+    scores = {name: score(module) for name, module in selected}
+    masks = sparsity_masks(selected, scores, cfg.sparsity, cfg.scope, cfg.layer_sparsity)
+    apply_masks(selected, masks, ctx)
+    return model
