@@ -36,17 +36,20 @@ from modelpress.registry import get_technique
 from modelpress.result import Result, StageRecord
 
 
-def _as_recipe(recipe: Recipe | str | Sequence[Stage]) -> Recipe:
+def _as_recipe(recipe: Recipe | str | Sequence[Stage | dict[str, Any]]) -> Recipe:
+    """A recipe from a Recipe, a name or YAML path, or a list of stages or stage dicts."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str):
         return Recipe.resolve(recipe)
-    stages = tuple(recipe)
-    if not stages or not all(isinstance(s, Stage) for s in stages):
+    stages = list(recipe)
+    if not stages or not all(isinstance(s, (Stage, dict)) for s in stages):
         raise ConfigError(
-            "recipe must be a Recipe, a recipe name or YAML path, or a list of Stage."
+            "recipe must be a Recipe, a recipe name or YAML path, or a list of stages "
+            '(Stage or {"technique": ..., **config}).'
         )
-    return Recipe(stages=stages)
+    dicts = [s.to_dict() if isinstance(s, Stage) else s for s in stages]
+    return Recipe.from_dict({"stages": dicts})
 
 
 def _first_inputs(batches: Iterable[Batch]) -> Any:
@@ -127,7 +130,7 @@ def make_context(
 
 def compress(
     model: nn.Module,
-    recipe: Recipe | str | Sequence[Stage],
+    recipe: Recipe | str | Sequence[Stage | dict[str, Any]],
     *,
     data: DataBundle | str | Iterable[Batch] | None = None,
     evaluate: Evaluate | None = None,

@@ -1,3 +1,3 @@
-"""Pruning: unstructured (magnitude, random, gradual) and N:M semi-structured masks."""
+"""Pruning: unstructured (magnitude, random, gradual), N:M masks, structured (channels, heads)."""
 
-from modelpress.techniques.pruning import gradual, magnitude, nm, random  # noqa: F401
+from modelpress.techniques.pruning import gradual, magnitude, nm, random, structured  # noqa: F401

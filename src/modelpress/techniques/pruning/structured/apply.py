@@ -1,0 +1,226 @@
+"""``prune.structured``: remove whole channels, neurons, heads and FFN neurons so the model
+physically shrinks (smaller dense weights, fewer FLOPs, real speedups).
+
+Steps: find the coupled groups (a traced channel graph, or the transformer block layout),
+drop groups that are pinned or whose producing layers are not targeted, score channels,
+decide how many each group loses (layer-wise, global, or by bisection to a FLOPs target),
+then check every module can be sliced *before* slicing any, shrink, and record the edit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from modelpress.config import TargetedConfig
+from modelpress.context import Context
+from modelpress.errors import DataError, UnsupportedModuleError
+from modelpress.measure.flops import count_flops
+from modelpress.registry import technique
+from modelpress.targeting import matches, select_modules
+from modelpress.techniques.pruning.structured.graph import Group, build_graph
+from modelpress.techniques.pruning.structured.importance import group_scores
+from modelpress.techniques.pruning.structured.plan import (
+    Counts,
+    build_plan,
+    global_counts,
+    kept_channels,
+    layer_counts,
+    layer_flops,
+    predicted_flops,
+    round_counts,
+)
+from modelpress.techniques.pruning.structured.shrink import Attrs, shrink_modules
+from modelpress.techniques.pruning.structured.transformer import head_attrs, transformer_groups
+
+OWNER = "prune.structured"
+
+
+class StructuredConfig(TargetedConfig):
+    """Structured pruning: whole channels / neurons / heads, to a sparsity or a FLOPs budget."""
+
+    sparsity: float = Field(
+        0.5, ge=0, lt=1, description="Fraction of channels removed (per group, or overall)."
+    )
+    flops_target: float | None = Field(
+        None, gt=0, lt=1, description="Keep this fraction of the FLOPs; overrides sparsity."
+    )
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
+        "l1", description="Channel importance: filter norm, Taylor (needs data), or BN scale."
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="Prune each group by the same fraction, or rank channels globally."
+    )
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer overrides: producer selector -> sparsity."
+    )
+    max_sparsity: float = Field(
+        0.9, gt=0, lt=1, description="The most any one group may lose (global and FLOPs)."
+    )
+    round_to: int = Field(1, ge=1, description="Kept channels per group: a multiple of this.")
+    n_batches: int = Field(8, ge=1, description="Labelled batches for Taylor importance.")
+    batch_size: int = Field(32, ge=1, description="Batch size for Taylor importance.")
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        for sel, s in value.items():
+            if not 0 <= s < 1:
+                raise ValueError(f"layer_sparsity[{sel!r}] = {s!r} is not in [0, 1)")
+        return value
+
+
+def find_groups(model: nn.Module, ctx: Context) -> tuple[list[Group], dict[int, str]]:
+    """Coupled groups: transformer heads/FFN if the model has such blocks, else the traced
+    channel graph; with the head-count owner of each head group (by index)."""
+    groups, owners = transformer_groups(model)
+    if groups:
+        return groups, owners
+    if ctx.example_inputs is None:
+        raise DataError(f"{OWNER} traces the model on example inputs; pass data=...")
+    return build_graph(model, ctx.example_inputs).groups(), {}
+
+
+def _why_kept(group: Group, selected: set[str]) -> str | None:
+    if group.pinned:
+        return f"its channels {group.pinned}"
+    untargeted = [m.module for m in group.producers if m.module not in selected]
+    if untargeted:
+        return f"{untargeted[0]} is not targeted"
+    return None if group.producers else "no layer creates its channels"
+
+
+def _check_named_targets(
+    cfg: StructuredConfig, groups: list[Group], reasons: list[str | None]
+) -> None:
+    """A module the user named exactly must be prunable; raise naming why it is not."""
+    if "targets" not in cfg.model_fields_set:
+        return
+    for name in cfg.targets:
+        for group, why in zip(groups, reasons, strict=True):
+            if why and any(m.module == name for m in group.producers):
+                raise UnsupportedModuleError(
+                    f"{name}: its output channels cannot be pruned ({why}); remove it from targets."
+                )
+
+
+def _override(cfg: StructuredConfig, model: nn.Module, group: Group) -> float | None:
+    modules = dict(model.named_modules())
+    for sel, s in cfg.layer_sparsity.items():
+        if any(matches(sel, m.module, modules[m.module]) for m in group.producers):
+            return s
+    return None
+
+
+def _counts(
+    cfg: StructuredConfig, sparsity: float, scores: list[torch.Tensor], fixed: list[float | None]
+) -> Counts:
+    sizes = [len(s) for s in scores]
+    if cfg.scope == "layer":
+        fractions = [sparsity if f is None else f for f in fixed]
+        counts = layer_counts(sizes, fractions, cfg.max_sparsity)
+    else:
+        free = [i for i, f in enumerate(fixed) if f is None]
+        pooled = global_counts([scores[i] for i in free], sparsity, cfg.max_sparsity)
+        own = layer_counts(sizes, [f or 0.0 for f in fixed], cfg.max_sparsity)
+        counts = list(own)
+        for i, c in zip(free, pooled, strict=True):
+            counts[i] = c
+    return round_counts(sizes, counts, cfg.round_to)
+
+
+def _counts_for_flops(
+    cfg: StructuredConfig,
+    model: nn.Module,
+    ctx: Context,
+    groups: list[Group],
+    scores: list[torch.Tensor],
+    fixed: list[float | None],
+) -> tuple[Counts, float]:
+    """Bisection on the sparsity for the least pruning whose predicted FLOPs fit the target."""
+    assert cfg.flops_target is not None
+    flops = layer_flops(model, ctx)
+    total = float(count_flops(model, ctx.example_inputs))
+    budget = cfg.flops_target * total
+
+    def fits(s: float) -> tuple[bool, Counts, float]:
+        counts = _counts(cfg, s, scores, fixed)
+        f = predicted_flops(groups, counts, flops, total)
+        return f <= budget, counts, f
+
+    ok, counts, f = fits(cfg.max_sparsity)
+    if not ok:
+        raise UnsupportedModuleError(
+            f"{OWNER}: flops_target {cfg.flops_target} is out of reach; pruning every group to "
+            f"max_sparsity {cfg.max_sparsity} keeps {f / total:.3f} of the FLOPs. Raise "
+            "max_sparsity, target more layers or ask for a larger flops_target."
+        )
+    lo, hi, best = 0.0, cfg.max_sparsity, (counts, f)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        ok, counts, f = fits(mid)
+        if ok:
+            hi, best = mid, (counts, f)
+        else:
+            lo = mid
+    return best[0], best[1] / total
+
+
+@technique(OWNER, StructuredConfig)
+def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> nn.Module:
+    """Remove whole channels/neurons/heads along coupled groups; the model really shrinks."""
+    groups, owners = find_groups(model, ctx)
+    strict = "targets" in cfg.model_fields_set
+    picked = select_modules(model, cfg.targets, cfg.ignore, owner=OWNER, strict_targets=strict)
+    selected = {name for name, _ in picked}
+    reasons = [_why_kept(g, selected) for g in groups]
+    _check_named_targets(cfg, groups, reasons)
+    live = [i for i, why in enumerate(reasons) if why is None]
+    if not live:
+        why = next((w for w in reasons if w), "the model has no prunable channels")
+        raise UnsupportedModuleError(f"{OWNER}: nothing can be pruned; e.g. {why}.")
+    chosen = [groups[i] for i in live]
+    batches = None
+    if cfg.importance == "taylor":
+        if not ctx.has_data():
+            raise DataError(f"{OWNER} with importance 'taylor' needs labelled data; pass data=...")
+        batches = _first(ctx.training_batches(cfg.batch_size), cfg.n_batches)
+    scores = group_scores(model, chosen, cfg.importance, ctx, batches)
+    fixed = [_override(cfg, model, g) for g in chosen]
+    if cfg.flops_target is not None:
+        counts, kept_fraction = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
+        ctx.report("flops_kept_predicted", round(kept_fraction, 4))
+    else:
+        counts = _counts(cfg, cfg.sparsity, scores, fixed)
+    keeps = [kept_channels(s, r) for s, r in zip(scores, counts, strict=True)]
+    attrs: Attrs = {}
+    for i, keep in zip(live, keeps, strict=True):
+        if i in owners:
+            q, k = groups[i].members[0], groups[i].members[1]
+            attrs[owners[i]] = head_attrs(model, owners[i], len(keep), q.expand // k.expand)
+    shrink_modules(model, build_plan(chosen, keeps), attrs)
+    ctx.report(
+        "channels",
+        {_label(g): f"{len(k)}/{g.size}" for g, k in zip(chosen, keeps, strict=True)},
+    )
+    kept = {_label(g): why for g, why in zip(groups, reasons, strict=True) if why}
+    if kept:
+        ctx.report("kept_groups", kept)
+    return model
+
+
+def _label(group: Group) -> str:
+    names = sorted(m.module for m in group.producers) or [f"{group.members[0].module} inputs"]
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} coupled)"
+
+
+def _first(batches: object, n: int) -> list:
+    out = []
+    for batch in batches:  # type: ignore[attr-defined]
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
