@@ -136,7 +136,7 @@ def test_compress_from_artifact_with_builtin_recipe(demo: DemoRun, tmp_path: Pat
     dest = tmp_path / "int8"
     out = invoke(*compress_args(demo.path, "int8", dest))  # default --latency-runs 20
     assert "recipe int8" in out and "baseline" in out and "1. quant.rtn" in out
-    assert re.search(r"1\. quant\.rtn .* \d+\.\d{3} .$", out, re.MULTILINE)  # latency ms
+    assert re.search(r"1\. quant\.rtn .* \d+\.\d{3} . +none .$", out, re.MULTILINE)  # latency ms
     assert f"saved {dest}" in out
     assert is_artifact(dest) and (dest / "tensors.safetensors").is_file()
     manifest = json.loads((dest / "manifest.json").read_text())

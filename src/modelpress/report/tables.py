@@ -12,7 +12,8 @@ from rich.table import Table
 CAPTION = (
     "baseline bytes: its torch.save(state_dict) file; stage bytes: the artifact directory "
     "written after that stage (once saved, the last row is the saved directory, its embedded "
-    "recipe and metrics included)"
+    "recipe and metrics included); speedup: baseline latency / stage latency, \"none\" where "
+    "the dense FLOPs are unchanged (zeroed or fake-quantized weights still run as dense fp32)"
 )
 
 
@@ -34,7 +35,7 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
     for _, m in rows:
         metric_names += [k for k in m.get("eval", {}) if k not in metric_names]
     table = Table(title=title or None, caption=CAPTION)
-    table.add_column("stage")
+    table.add_column("stage", no_wrap=True)
     for name in metric_names:
         table.add_column(name, justify="right")
     for col in (
@@ -45,9 +46,11 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
         "bits/param",
         "ratio",
         "latency ms",
+        "speedup",
     ):
         table.add_column(col, justify="right")
     base_bytes = rows[0][1].get("bytes") if rows else None
+    base = rows[0][1] if rows else {}
     for label, m in rows:
         ev = m.get("eval", {})
         size = m.get("bytes")
@@ -63,8 +66,24 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "") -
             f"{8 * size / m['params']:.2f}" if size and m.get("params") else "-",
             ratio,
             "-" if lat is None else f"{lat:.3f}",
+            speedup(base, m),
         )
     return table
+
+
+def speedup(base: dict[str, Any], row: dict[str, Any]) -> str:
+    """Baseline latency over the row's, or a plain ``none`` where the dense compute is the same.
+
+    Zeroed (unstructured, N:M) or fake-quantized weights still run as dense fp32 matrices in
+    eager PyTorch, so a model whose FLOPs equal the baseline's gets no speedup; saying so
+    beats printing a ratio of two noisy equal timings.
+    """
+    if row is base:
+        return "1.00x"
+    if row.get("flops") is not None and row.get("flops") == base.get("flops"):
+        return "none"
+    lat, base_lat = row.get("latency_ms"), base.get("latency_ms")
+    return f"{base_lat / lat:.2f}x" if lat and base_lat else "-"
 
 
 def render(table: Table, width: int = 120) -> str:
