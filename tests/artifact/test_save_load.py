@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import modelpress as mp
 from modelpress.artifact import load_artifact, read_manifest, save_artifact
+from modelpress.artifact.nm_index import code_bits
 from modelpress.context import Context
 from modelpress.edits import edit_op, edits_of, record_edit
 from modelpress.errors import ArtifactError
@@ -169,3 +171,18 @@ def test_same_model_same_bytes(tmp_path):
     b = save_artifact(compressed_convnet(), tmp_path / "b")
     assert (a / "tensors.safetensors").read_bytes() == (b / "tensors.safetensors").read_bytes()
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
+def test_nm_pruned_model_saves_nm_layouts_and_loads_exactly(tmp_path, n, m, bits):
+    stages = [Stage.of("prune.nm", n=n, m=m, targets=["conv2", "fc"])]  # conv1 has 1 input
+    if bits:
+        stages.append(Stage.of("quant.rtn", bits=bits, group_size=8))
+    result = mp.compress(tiny_convnet(), stages, latency_runs=0)
+    path = result.save(tmp_path / "art")
+    records = read_manifest(path)["tensors"]
+    for name in ("conv2.weight", "fc.weight"):
+        assert records[name]["layout"] == {"format": "nm", "n": n, "m": m, "bits": code_bits(n, m)}
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(mp.load(path)(x), result.model(x))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from modelpress.artifact.codecs import RawCodec
 from modelpress.artifact.tensor_codec import decode_tensor, encode_tensor
 from modelpress.errors import ArtifactError
+from modelpress.techniques.pruning.nm import nm_mask
 from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
 
 
@@ -97,3 +100,119 @@ def test_wrong_code_count_is_an_artifact_error():
 
 def test_raw_codec_bits():
     assert RawCodec(torch.float16).value_bits() == 16 and RawCodec(torch.bool).value_bits() == 1
+
+
+# --- the N:M layout --------------------------------------------------------------------------
+
+
+def nm_weight(shape, n, m, extra_zeros=0, seed=0):
+    """A random weight pruned by prune.nm's ``nm_mask``, then ``extra_zeros`` kept ones zeroed."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    w = w * nm_mask(w.abs(), n, m)
+    kept = torch.nonzero(w.reshape(-1)).squeeze(1)
+    w.view(-1)[kept[torch.randperm(kept.numel(), generator=g)[:extra_zeros]]] = 0.0
+    return w
+
+
+def random_sparse(shape, density, seed=0):
+    """A random weight with about ``density`` of its entries kept, anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < density)
+
+
+def with_codec(w, kind):
+    """``w`` as a model would hold it under ``kind``, and the codec that stores it."""
+    if kind in ("fp32", "fp16"):
+        w = w.half() if kind == "fp16" else w
+        return w, None
+    bits = 4 if kind == "int4" else 8
+    fq = AffineFakeQuant(
+        w, bits, symmetric=False, granularity="group", group_size=8, scale_dtype="float16"
+    )
+    return fq(w).detach(), fq.value_codec()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "int4", "int8"])
+@pytest.mark.parametrize("extra_zeros", [0, 3])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("shape", [(16, 32), (8, 16, 3, 3)])  # Linear, Conv2d (out, in, kh, kw)
+def test_nm_weights_round_trip_bit_exact(shape, n, m, extra_zeros, kind):
+    w, codec = with_codec(nm_weight(shape, n, m, extra_zeros), kind)
+    rec, payloads, back = roundtrip(w, codec)
+    assert back.dtype == w.dtype and torch.equal(back, w)
+    if extra_zeros and codec is None:
+        return  # at 16/32 bits a kept zero costs more than a bitmask bit: either may win
+    bits = math.ceil(math.log2(math.comb(m, n)))
+    assert rec["layout"] == {"format": "nm", "n": n, "m": m, "bits": bits}
+    kept = w.numel() // m * n  # zeros included
+    if codec is None:
+        assert payloads["w/values"].numel() == kept
+    else:
+        assert rec["packing"]["count"] == kept
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "index_bytes", "bits_per_weight"),
+    [(2, 4, 768, 0.75), (4, 8, 896, 0.875), (1, 4, 512, 0.5)],
+)
+def test_nm_index_bytes_are_exact(n, m, index_bytes, bits_per_weight):
+    w = nm_weight((64, 128), n, m)  # 8192 weights
+    rec, payloads = encode_tensor("w", w)
+    assert rec["layout"]["format"] == "nm" and "nnz" not in rec["layout"]
+    index = payloads["w/index"]
+    assert index.dtype == torch.uint8 and index.numel() == index_bytes
+    assert index_bytes * 8 / w.numel() == bits_per_weight  # the bitmask's is 1.0
+    assert payloads["w/values"].numel() == w.numel() // m * n
+
+
+@pytest.mark.parametrize(
+    "w",
+    [
+        nm_weight((16, 32), 2, 4).T.contiguous(),  # 2:4 along dim 0, not along the inputs
+        random_sparse((8, 16, 3, 3), density=0.4),
+    ],
+    ids=["nm-along-dim-0", "unstructured-conv"],
+)
+def test_non_nm_sparse_tensors_keep_a_positional_index(w):
+    rec, _, back = roundtrip(w)
+    assert rec["layout"]["format"] in ("bitmask", "delta") and torch.equal(back, w)
+
+
+def test_many_extra_zeros_fall_back_to_the_smaller_positional_index():
+    w = nm_weight((16, 32), 2, 4, extra_zeros=100)  # 156 of 512 nonzero: nm stores 256
+    rec, _, back = roundtrip(w)
+    assert rec["layout"]["format"] in ("bitmask", "delta") and torch.equal(back, w)
+
+
+@pytest.fixture()
+def nm_encoded():
+    return encode_tensor("w", nm_weight((8, 16), 2, 4))  # 32 groups: 12 bytes of codes
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda r, p: p.update({"w/index": p["w/index"][:-1]}), "w: nm index holds 11 bytes; "),
+        (lambda r, p: p["w/index"].__setitem__(0, 0xFF), "w: nm index code 7 of group 0 is out"),
+        (lambda r, p: r["layout"].pop("n"), "w: the nm layout record lacks 'n'"),
+        (lambda r, p: r["layout"].update(bits=4), "w: nm layout 2:4 has 3-bit codes, not 4"),
+        (lambda r, p: r["layout"].update(m=3), "w: nm layout 2:3 has 2-bit codes, not 3"),
+        (lambda r, p: r["layout"].update(m=32, bits=9), r"w: nm .* fit shape \[8, 16\]"),
+        (lambda r, p: r["layout"].update(format="csr"), "w: unknown layout 'csr'; this modelpress"),
+        (lambda r, p: r["payloads"].pop("index"), "w: the nm layout has no index payload"),
+    ],
+)
+def test_corrupt_nm_index_is_an_artifact_error(nm_encoded, corrupt, match):
+    rec, payloads = nm_encoded
+    corrupt(rec, payloads)
+    with pytest.raises(ArtifactError, match=match):
+        decode_tensor("w", rec, payloads)
+
+
+def test_corrupt_bitmask_index_names_the_tensor():
+    rec, payloads = encode_tensor("w", torch.randn(16, 16) * (torch.rand(16, 16) < 0.4))
+    assert rec["layout"]["format"] == "bitmask"
+    payloads["w/index"] = payloads["w/index"][:-1]
+    with pytest.raises(ArtifactError, match="w: bitmask index holds 31 bytes; 256 elements"):
+        decode_tensor("w", rec, payloads)

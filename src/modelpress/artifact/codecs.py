@@ -3,7 +3,9 @@
 A codec sees the kept values of a tensor as a 1-D float tensor with their flat positions
 (``None`` when every position is kept, in order) and returns either raw payload tensors or
 integer ``codes`` of a fixed bit width plus side payloads (scales, codebooks). Integer codes
-are packed by the tensor codec (bit-packing now; entropy coding plugs in there too).
+are packed by the tensor codec (bit-packing now; entropy coding plugs in there too). Kept
+values can include zeros (the ``nm`` layout keeps ``n`` per group even where a group has
+fewer nonzeros), so a codec must give back 0.0 for a stored 0.0.
 
 Techniques that store values differently (affine quantization, k-means codebooks) define a
 codec next to their maths and register it with :func:`register_codec`; the parametrization

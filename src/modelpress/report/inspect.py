@@ -39,7 +39,16 @@ def _describe_layout(rec: dict[str, Any]) -> str:
     layout = rec["layout"]
     if layout["format"] == "delta":
         return f"delta {layout['bits']}b"
+    if layout["format"] == "nm":
+        return f"nm {layout['n']}:{layout['m']} {layout['bits']}b"
     return layout["format"]
+
+
+def _stored_values(layout: dict[str, Any], numel: int) -> int:
+    """Values a layout stores: its nonzeros (bitmask, delta), ``n`` per group of ``m`` (nm)."""
+    if layout["format"] == "nm":
+        return numel // layout["m"] * layout["n"]
+    return layout.get("nnz", numel)
 
 
 def tensor_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -55,13 +64,12 @@ def tensor_rows(path: str | Path) -> list[dict[str, Any]]:
             continue
         numel = math.prod(rec["shape"])
         nbytes = sum(sizes.get(k, 0) for k in rec["payloads"].values())
-        nnz = rec["layout"].get("nnz", numel)
         rows.append({
             "name": name,
             "shape": "x".join(str(d) for d in rec["shape"]) or "scalar",
             "layout": _describe_layout(rec),
             "codec": _describe_codec(rec),
-            "nnz": nnz,
+            "nnz": _stored_values(rec["layout"], numel),
             "bytes": nbytes,
             "bits_per_element": 8 * nbytes / numel if numel else 0.0,
         })  # fmt: skip
