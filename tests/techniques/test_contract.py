@@ -14,6 +14,8 @@ CASES = {
     "prune.random": ({"sparsity": 0.2}, 0.8, True, True, ()),
     "prune.nm": ({"n": 2, "m": 4}, 0.9, True, True, ()),
     "prune.gradual": ({"sparsity": 0.5, "frequency": 2}, 0.9, True, True, ("train",)),
+    "prune.wanda": ({"sparsity": 0.5, "n_samples": 64}, 0.9, True, True, ()),
+    "prune.sparsegpt": ({"sparsity": 0.5, "n_samples": 64}, 0.95, True, True, ()),
     "prune.structured": ({"sparsity": 0.25}, 0.9, True, True, ()),
     "quant.rtn": ({"bits": 4, "group_size": 16}, 0.98, True, True, ()),
     "train": ({"max_steps": 5, "lr": 1e-4}, 0.98, False, False, ()),
@@ -31,7 +33,15 @@ def test_every_technique_has_a_contract_case():
     [(n, "mlp") for n in sorted(CASES)]
     + [
         (n, "convnet")
-        for n in ("prune.magnitude", "prune.nm", "prune.gradual", "prune.structured", "quant.rtn")
+        for n in (
+            "prune.magnitude",
+            "prune.nm",
+            "prune.gradual",
+            "prune.structured",
+            "prune.wanda",
+            "prune.sparsegpt",
+            "quant.rtn",
+        )
     ],
 )
 def test_contract(name, model_kind, mlp, digits):

@@ -12,7 +12,7 @@ from rich.table import Table
 CAPTION = (
     "baseline bytes: its torch.save(state_dict) file; stage bytes: the artifact directory "
     "written after that stage (once saved, the last row is the saved directory, its embedded "
-    "recipe and metrics included); speedup: baseline latency / stage latency, \"none\" where "
+    'recipe and metrics included); speedup: baseline latency / stage latency, "none" where '
     "the dense FLOPs are unchanged (zeroed or fake-quantized weights still run as dense fp32)"
 )
 

@@ -1,3 +1,11 @@
 """Pruning: unstructured (magnitude, random, gradual), N:M masks, structured (channels, heads)."""
 
-from modelpress.techniques.pruning import gradual, magnitude, nm, random, structured  # noqa: F401
+from modelpress.techniques.pruning import (  # noqa: F401
+    gradual,
+    magnitude,
+    nm,
+    random,
+    sparsegpt,
+    structured,
+    wanda,
+)
