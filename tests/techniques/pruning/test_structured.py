@@ -301,6 +301,17 @@ def test_global_flops_target_is_met(importance):
     assert ctx.reports["flops_kept_predicted"] == pytest.approx(kept, abs=0.01)
 
 
+def test_round_to_keeps_simd_widths_and_refills_the_flops_budget():
+    model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = copy.deepcopy(model)
+    cfg = StructuredConfig(flops_target=0.5, scope="global", round_to=8)
+    apply_structured(pruned, cfg, Context(example_inputs=x))
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)
+    assert 0.48 < count_flops(pruned, x) / count_flops(model, x) <= 0.5  # budget used
+
+
 def test_taylor_uses_labelled_batches(digits):
     model = mp.load_model("zoo:mlp", input_shape=[1, 8, 8], num_classes=10)
     result = mp.compress(

@@ -31,6 +31,7 @@ from modelpress.techniques.pruning.structured.plan import (
     layer_counts,
     layer_flops,
     predicted_flops,
+    refill,
     round_counts,
 )
 from modelpress.techniques.pruning.structured.shrink import Attrs, shrink_modules
@@ -140,15 +141,19 @@ def _counts_for_flops(
     scores: list[torch.Tensor],
     fixed: list[float | None],
 ) -> tuple[Counts, float]:
-    """Bisection on the sparsity for the least pruning whose predicted FLOPs fit the target."""
+    """Bisection on the sparsity for the least pruning whose predicted FLOPs fit the target,
+    then (global scope) channels given back greedily while the budget still holds."""
     assert cfg.flops_target is not None
     flops = layer_flops(model, ctx)
     total = float(count_flops(model, ctx.example_inputs))
     budget = cfg.flops_target * total
 
+    def predict(counts: Counts) -> float:
+        return predicted_flops(groups, counts, flops, total)
+
     def fits(s: float) -> tuple[bool, Counts, float]:
         counts = _counts(cfg, s, scores, fixed)
-        f = predicted_flops(groups, counts, flops, total)
+        f = predict(counts)
         return f <= budget, counts, f
 
     ok, counts, f = fits(cfg.max_sparsity)
@@ -158,15 +163,18 @@ def _counts_for_flops(
             f"max_sparsity {cfg.max_sparsity} keeps {f / total:.3f} of the FLOPs. Raise "
             "max_sparsity, target more layers or ask for a larger flops_target."
         )
-    lo, hi, best = 0.0, cfg.max_sparsity, (counts, f)
+    lo, hi, best = 0.0, cfg.max_sparsity, counts
     for _ in range(30):
         mid = (lo + hi) / 2
         ok, counts, f = fits(mid)
         if ok:
-            hi, best = mid, (counts, f)
+            hi, best = mid, counts
         else:
             lo = mid
-    return best[0], best[1] / total
+    if cfg.scope == "global":
+        frozen = [f is not None for f in fixed]
+        best = refill(best, scores, cfg.round_to, lambda c: predict(c) <= budget, frozen)
+    return best, predict(best) / total
 
 
 @technique(OWNER, StructuredConfig)

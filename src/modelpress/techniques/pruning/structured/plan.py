@@ -59,6 +59,39 @@ def round_counts(sizes: Sequence[int], counts: Counts, round_to: int) -> Counts:
     return out
 
 
+def refill(
+    counts: Counts,
+    scores: Sequence[torch.Tensor],
+    step: int,
+    fits: Callable[[Counts], bool],
+    frozen: Sequence[bool],
+) -> Counts:
+    """Give channels back while the budget holds: the bisection lands on a step of a step
+    function (more so with ``round_to``), leaving budget unused.
+
+    Repeatedly restore ``step`` channels (the best removed ones) to the group whose restored
+    channels have the highest mean-normalised score, as long as ``fits`` still holds;
+    ``frozen`` groups (explicit per-layer sparsity) are left as they are.
+    """
+    counts = list(counts)
+    normed = [torch.sort(s.float() / s.float().mean().clamp_min(1e-12)).values for s in scores]
+    while True:
+        candidates = []
+        for g, removed in enumerate(counts):
+            if removed and not frozen[g]:
+                back = min(step, removed)
+                value = float(normed[g][removed - back : removed].mean())
+                candidates.append((value, g, back))
+        for _, g, back in sorted(candidates, reverse=True):
+            trial = list(counts)
+            trial[g] -= back
+            if fits(trial):
+                counts = trial
+                break
+        else:
+            return counts
+
+
 def kept_channels(scores: torch.Tensor, removed: int) -> list[int]:
     """Indices (ascending) of the ``len - removed`` highest scores; ties keep earlier ones."""
     order = torch.argsort(scores, descending=True, stable=True)
