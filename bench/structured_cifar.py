@@ -1,0 +1,918 @@
+"""Structured pruning of ResNet-20 on CIFAR-10 to half the FLOPs: modelpress vs Torch-Pruning.
+
+Run from the repository root::
+
+    python bench/structured_cifar.py            # the real benchmark (~35-45 min on 2 cores)
+    python bench/structured_cifar.py --quick    # smoke run (< 2 min): 1,024 training images,
+                                                # 500 evaluation images; "-quick" files
+    python bench/structured_cifar.py --val      # tuning run: the test set is replaced by 5,000
+                                                # images held out of the training set; "-val"
+
+The CIFAR-10 here is a JPEG quality-75 copy (shared data README, section 7), so the baseline
+is Distiller's ResNet-20 checkpoint fine-tuned briefly on the JPEG training split, and every
+pruned model is compared with that baseline on the JPEG test split in the same run. The arms
+all start from the baseline and are fine-tuned with the same budget, loop
+(``modelpress.train.fit``), optimizer, data order and augmentation (random 32x32 crop of the
+4-pixel zero-padded image, horizontal flip):
+
+* ``modelpress``       -- ``compress`` with ``prune.structured`` (L1, global, FLOPs target
+  0.5) then ``train``;
+* ``modelpress-layer`` -- the same with ``scope: layer`` (uniform layer-wise);
+* ``torch-pruning``    -- Torch-Pruning's ``BasePruner`` (``MetaPruner``), group L1 magnitude,
+  global, ``fc`` ignored, its ratio bisected until FLOPs <= 0.5 of the baseline's.
+
+Reported per model: accuracy and its change in pp, parameters, FLOPs (``modelpress.measure``
+for every model), bytes, and latency in torch eager and onnxruntime at batch 1 and 64 with
+fixed threads (median of interleaved rounds); speedup = baseline / model. Target: <= 0.5 pp
+accuracy loss and >= 1.7x measured CPU speedup at batch 1 and batch 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import io
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modelpress as mp
+from modelpress.measure import (
+    accuracy,
+    count_flops,
+    count_params,
+    directory_bytes,
+    state_dict_bytes,
+)
+from modelpress.registry import technique_names
+from modelpress.train import train_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar import TRAIN_JPEG, _require, load_cifar10_test_jpeg, load_resnet20_checkpoint
+from _common import (
+    RESULTS_DIR,
+    VAL_SIZE,
+    VAL_SPLIT_SEED,
+    WORK_DIR,
+    BenchError,
+    data_dir,
+    log,
+    main_guard,
+    markdown_table,
+    run_info,
+    run_info_markdown,
+    write_results,
+)
+from _onnx import eager_and_ort_latency, exporter_name
+
+NAME = "structured_cifar"
+FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
+TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
+ARMS = ("modelpress", "modelpress-layer", "torch-pruning")
+PAD = 4  # pixels of zero padding around each image before the random 32x32 crop
+INSTALL_HINT = "pip install -r bench/requirements.txt"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every hyperparameter of the benchmark (see bench/README.md for how they were chosen)."""
+
+    train_samples: int | None = None  # None: the whole training split
+    eval_samples: int | None = None  # None: the whole evaluation split
+    batch_size: int = 128
+    baseline_epochs: int = 2
+    baseline_lr: float = 0.01
+    finetune_epochs: int = 4
+    finetune_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    round_to: int = 8  # channel counts kept multiples of this (both libraries); 1: off
+    latency_threads: tuple[int, ...] = (1, 2)
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_runs: int = 100
+    latency_rounds: int = 10
+    latency_warmup: int = 3
+
+    def quick(self) -> Settings:
+        """The smoke-run version: 1,024 training and 500 evaluation images, 1 + 1 epochs."""
+        return replace(self, train_samples=1024, eval_samples=500, baseline_epochs=1,
+                       finetune_epochs=1, latency_threads=(1,), latency_runs=20,
+                       latency_rounds=2)  # fmt: skip
+
+    def train_config(self, which: str) -> dict[str, Any]:
+        """``train`` stage fields of the ``"baseline"`` or ``"finetune"`` training (SGD, cosine)."""
+        epochs, lr = ((self.baseline_epochs, self.baseline_lr) if which == "baseline"
+                      else (self.finetune_epochs, self.finetune_lr))  # fmt: skip
+        return dict(epochs=epochs, lr=lr, optimizer="sgd", momentum=self.momentum,
+                    weight_decay=self.weight_decay, schedule="cosine",
+                    batch_size=self.batch_size)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_train_jpeg(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(jpeg bytes, offsets, labels)`` of the 50,000 JPEG training images, read once."""
+    with np.load(_require(root / TRAIN_JPEG)) as data:  # every data[key] re-reads the zip
+        return data["jpeg"], data["offsets"], data["labels"]
+
+
+def decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """Decode images ``rows`` with Pillow into uint8 ``(n, 3, 32, 32)`` (kept in memory)."""
+    from PIL import Image  # installed with matplotlib
+
+    images = np.empty((len(rows), 32, 32, 3), dtype=np.uint8)  # (n, H, W, C)
+    for out, i in enumerate(rows):
+        with Image.open(io.BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())) as image:
+            images[out] = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (n, 3, 32, 32)
+
+
+def to_inputs(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(n, 3, 32, 32)`` -> float in ``[-1, 1]``, as ``_cifar`` (Distiller's transform)."""
+    return images.float().div(255).sub(0.5).div(0.5)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 32x32 crop of each image zero-padded by ``PAD``, flipped left-right with p=0.5.
+
+    The standard CIFAR augmentation (He et al. 2016), on a uint8 batch ``(B, C, H, W)``, in
+    one gather: per-image row/column offsets in ``[0, 2 PAD]``, and a flip is the column index
+    reversed. Padding is black (0) before normalization, as ``RandomCrop(padding=4)`` does.
+
+    Returns:
+        Float inputs ``(B, C, H, W)`` in ``[-1, 1]``.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))  # (B, C, H + 2 PAD, W + 2 PAD)
+    dy = torch.randint(0, 2 * PAD + 1, (b, 1), generator=generator)  # (B, 1)
+    dx = torch.randint(0, 2 * PAD + 1, (b, 1), generator=generator)  # (B, 1)
+    flip = torch.rand(b, 1, generator=generator) < 0.5  # (B, 1)
+    rows = dy + torch.arange(h)  # (B, H)
+    cols = dx + torch.arange(w)  # (B, W)
+    cols = torch.where(flip, cols.flip(1), cols)  # (B, W)
+    crops = padded[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]  # (B, C, H, W)
+    return to_inputs(crops)
+
+
+class AugmentedBatches:
+    """Re-iterable ``(inputs, labels)`` training batches; every pass is one augmented epoch.
+
+    Pass ``k`` (counted from 0 per instance) shuffles and augments with a generator seeded by
+    ``(seed, k)``, so two instances with the same seed yield identical epochs: every arm gets
+    the same data order and the same crops and flips.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 seed: int) -> None:  # fmt: skip
+        self.images, self.labels = images, labels  # (N, 3, 32, 32) uint8, (N,)
+        self.batch_size, self.seed, self.passes = batch_size, seed, 0
+        self.step_seconds: list[float] = []  # between consecutive batches of a pass
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+        self.passes += 1
+        order = torch.randperm(len(self.labels), generator=generator)
+        resumed = None
+        for batch in order.split(self.batch_size):
+            yield augment(self.images[batch], generator), self.labels[batch]
+            now = time.perf_counter()  # the consumer has trained on the batch
+            if resumed is not None:  # one augmentation + one training step
+                self.step_seconds.append(now - resumed)
+            resumed = now
+
+    def seconds_per_image(self) -> float | None:
+        """Median seconds per training image over the steps seen (warm-up-robust)."""
+        if not self.step_seconds:
+            return None
+        return float(np.median(self.step_seconds)) / self.batch_size
+
+
+@dataclass
+class Splits:
+    """Training images (uint8, augmented per batch) and the evaluation split (float)."""
+
+    train_images: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    eval_inputs: torch.Tensor  # (M, 3, 32, 32) float in [-1, 1]
+    eval_labels: torch.Tensor  # (M,) int64
+    split: str  # "test" or "val"
+    spec: str
+    load_seconds: float  # reading both files, decoding included
+    decode_seconds_per_image: float  # Pillow JPEG decoding alone
+
+    def batches(self, settings: Settings, seed: int) -> AugmentedBatches:
+        """A fresh augmented stream: same seed, same batches."""
+        return AugmentedBatches(self.train_images, self.train_labels, settings.batch_size, seed)
+
+
+_SPLITS: dict[tuple[Any, ...], Splits] = {}  # per process: decode once
+
+
+def load_splits(root: Path, val: bool, settings: Settings, seed: int) -> Splits:
+    """CIFAR-10 JPEG: training images (minus the validation hold-out with ``val``) and either
+    the 10,000 test images or the 5,000 held-out training images; seeded subsets when the
+    settings ask for them. Cached per process."""
+    key = (str(root), val, settings.train_samples, settings.eval_samples, seed)
+    if key not in _SPLITS:
+        _SPLITS[key] = _load_splits(root, val, settings, seed)
+    return _SPLITS[key]
+
+
+def _load_splits(root: Path, val: bool, settings: Settings, seed: int) -> Splits:
+    start = time.perf_counter()
+    buffer, offsets, labels = read_train_jpeg(root)
+    rows = torch.arange(len(labels))
+    spec = f"cifar10-jpeg:{root / 'cifar10'}"
+    if val:  # the same fixed split as every benchmark's --val, independent of --seed
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        held, rows = order[:VAL_SIZE], order[VAL_SIZE:]
+        eval_x = to_inputs(decode_jpegs(buffer, offsets, held.numpy()))
+        eval_y = torch.from_numpy(labels[held.numpy()]).long()
+        spec += f" (validation: {VAL_SIZE} training images held out)"
+    else:
+        eval_x, eval_y = load_cifar10_test_jpeg(root)
+    picker = torch.Generator().manual_seed(seed)
+    if settings.train_samples is not None:
+        rows = rows[torch.randperm(len(rows), generator=picker)[: settings.train_samples]]
+        spec += f" (subset: {settings.train_samples} training images)"
+    if settings.eval_samples is not None:
+        keep = torch.randperm(len(eval_y), generator=picker)[: settings.eval_samples]
+        eval_x, eval_y = eval_x[keep], eval_y[keep]
+        spec += f" (subset: {settings.eval_samples} evaluation images)"
+    t_decode = time.perf_counter()
+    train_x = decode_jpegs(buffer, offsets, rows.numpy())
+    per_image = (time.perf_counter() - t_decode) / max(len(rows), 1)
+    train_y = torch.from_numpy(labels[rows.numpy()]).long()
+    return Splits(train_x, train_y, eval_x.contiguous(), eval_y, "val" if val else "test", spec,
+                  time.perf_counter() - start, per_image)  # fmt: skip
+
+
+class Evaluator:
+    """Top-1 on the evaluation split; counts the time it spends (for the run-time estimate)."""
+
+    def __init__(self, splits: Splits) -> None:
+        self.batches = list(
+            zip(splits.eval_inputs.split(1000), splits.eval_labels.split(1000), strict=True)
+        )
+        self.n, self.seconds, self.images = len(splits.eval_labels), 0.0, 0
+
+    def correct(self, model: nn.Module) -> int:
+        """Correct predictions of ``model``."""
+        start = time.perf_counter()
+        acc = accuracy(model, self.batches)
+        self.seconds += time.perf_counter() - start
+        self.images += self.n
+        return round(acc * self.n)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        """The ``evaluate`` hook of ``modelpress.compress``."""
+        return {"accuracy": self.correct(model) / self.n}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def describe(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Params, FLOPs (``modelpress.measure.count_flops``), fp32 state-dict bytes, conv widths."""
+    widths = {name: m.out_channels for name, m in model.named_modules()
+              if isinstance(m, nn.Conv2d)}  # fmt: skip
+    return {"params": count_params(model), "flops": count_flops(model, example),
+            "state_dict_bytes": state_dict_bytes(model), "conv_out_channels": widths}  # fmt: skip
+
+
+def train_record(cfg: dict[str, Any], seconds: float, steps: int, final_loss: float,
+                 batches: AugmentedBatches) -> dict[str, Any]:  # fmt: skip
+    """What a training run records: its config, time, steps, last loss and the steady-state
+    seconds per image (median step time / batch size; for the run-time estimate)."""
+    per_image = batches.seconds_per_image()
+    if per_image is None:  # a single step: no steady state seen
+        per_image = seconds / max(cfg["epochs"] * len(batches.labels), 1)
+    return {**cfg, "seconds": seconds, "steps": steps, "final_loss": final_loss,
+            "seconds_per_image": per_image,
+            "epoch_seconds_estimate": per_image * len(batches.labels)}  # fmt: skip
+
+
+def run_baseline(splits: Splits, root: Path, settings: Settings, seed: int, work: Path,
+                 ev: Evaluator) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """The checkpoint, evaluated, then fine-tuned briefly on the JPEG training split."""
+    model = load_resnet20_checkpoint(root)
+    checkpoint_correct = ev.correct(model)
+    cfg = settings.train_config("baseline")
+    batches = splits.batches(settings, seed)
+    summary = train_model(model, batches, seed=seed, **cfg)
+    model.eval()
+    correct = ev.correct(model)
+    log(f"baseline: fine-tuned {summary['seconds']:.0f} s; {splits.split} accuracy "
+        f"{100 * checkpoint_correct / ev.n:.2f} % -> {100 * correct / ev.n:.2f} %")  # fmt: skip
+    path = mp.save(model, work / "baseline")
+    return model, {
+        "train": train_record(cfg, summary["seconds"], summary["steps"], summary["final_loss"],
+                              batches),
+        "checkpoint_correct": checkpoint_correct,
+        "correct": correct,
+        "artifact": str(path),
+        "artifact_bytes": directory_bytes(path),
+    }  # fmt: skip
+
+
+def structured_available() -> bool:
+    """Whether ``prune.structured`` is registered in this modelpress."""
+    return "prune.structured" in technique_names()
+
+
+def modelpress_recipe(settings: Settings, scope: str, finetune: bool = True) -> mp.Recipe:
+    """``prune.structured`` (L1, FLOPs target 0.5, ``scope``) then, optionally, ``train``."""
+    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance="l1", scope=scope)
+    if settings.round_to > 1:
+        prune["round_to"] = settings.round_to
+    stages = [mp.Stage.of("prune.structured", **prune)]
+    if finetune:
+        stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
+    return mp.Recipe(stages=tuple(stages), name=f"structured-{scope}-flops{FLOPS_KEEP}")
+
+
+def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scope: str,
+                   seed: int, out: Path, ev: Evaluator) -> dict[str, Any]:  # fmt: skip
+    """``compress(baseline, [prune.structured, train])`` on the augmented batches; the model
+    is saved as an artifact and reloaded (the reloaded one is what gets measured)."""
+    recipe = modelpress_recipe(settings, scope)
+    example = splits.eval_inputs[:1]
+    batches = splits.batches(settings, seed)
+    result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
+                         example_inputs=example, seed=seed, latency_runs=0)  # fmt: skip
+    path = result.save(out / "artifact")
+    loaded = mp.load(path).eval()
+    prune_stage, train_stage = result.stages
+    cfg = settings.train_config("finetune")
+    record = {
+        "recipe": recipe.to_dict(),
+        "pruned_correct": round(prune_stage.metrics["eval"]["accuracy"] * ev.n),
+        "prune_seconds": prune_stage.seconds,
+        "learned": prune_stage.learned,
+        "train": train_record(cfg, train_stage.seconds, train_stage.learned["steps"],
+                              train_stage.learned["final_loss"], batches),
+        "correct": ev.correct(loaded),
+        "in_memory_correct": round(result.final["eval"]["accuracy"] * ev.n),  # == correct?
+        "artifact": str(path),
+        "artifact_bytes": directory_bytes(path),
+        "model_file": str(path),
+        "model_format": "artifact",
+    }  # fmt: skip
+    if settings.round_to > 1 and scope == "global":  # the same pruning without rounding
+        plain = replace(settings, round_to=1)
+        arch = mp.compress(baseline, modelpress_recipe(plain, scope, finetune=False),
+                           data=splits.batches(settings, seed), example_inputs=example,
+                           seed=seed, latency_runs=0)  # fmt: skip
+        record["unrounded_file"] = str(arch.save(out / "unrounded"))
+    return record
+
+
+def _torch_pruning() -> Any:
+    """The ``torch_pruning`` module, imported here only (a benchmark extra, never a dependency)."""
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise BenchError(f"torch-pruning is not installed; {INSTALL_HINT}")
+    import torch_pruning
+
+    return torch_pruning
+
+
+def tp_prune(baseline: nn.Module, ratio: float, example: torch.Tensor, round_to: int) -> nn.Module:
+    """A copy of ``baseline`` pruned by Torch-Pruning: group L1 magnitude, global, ``fc`` kept."""
+    tp = _torch_pruning()
+    model = copy.deepcopy(baseline).eval()
+    pruner = tp.pruner.BasePruner(  # MetaPruner / MagnitudePruner are aliases in 1.6
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=1),  # mean reduction / normalizer
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=[model.fc],
+        round_to=round_to if round_to > 1 else None,
+    )
+    pruner.step()
+    return model
+
+
+def tp_search(baseline: nn.Module, example: torch.Tensor, round_to: int,
+              steps: int = 20) -> tuple[nn.Module, float, list[dict[str, float]]]:  # fmt: skip
+    """Bisect Torch-Pruning's global ratio for the least pruning with FLOPs <= ``FLOPS_KEEP``.
+
+    Returns:
+        ``(pruned model, ratio, trace)``; trace holds every ``{"ratio", "flops_kept"}`` tried.
+    """
+    base_flops = count_flops(baseline, example)
+    lo, hi, best, trace = 0.0, 0.95, None, []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model = tp_prune(baseline, mid, example, round_to)
+        kept = count_flops(model, example) / base_flops
+        trace.append({"ratio": mid, "flops_kept": kept})
+        if kept <= FLOPS_KEEP:
+            hi, best = mid, model
+        else:
+            lo = mid
+    if best is None:
+        best = tp_prune(baseline, hi, example, round_to)
+        if count_flops(best, example) / base_flops > FLOPS_KEEP:
+            raise BenchError(f"Torch-Pruning reached no FLOPs ratio <= {FLOPS_KEEP}")
+    return best, hi, trace
+
+
+def run_torch_pruning(baseline: nn.Module, splits: Splits, settings: Settings, seed: int,
+                      out: Path, ev: Evaluator) -> dict[str, Any]:  # fmt: skip
+    """Torch-Pruning at the same FLOPs ratio, then the same fine-tune (same loop and batches)."""
+    tp = _torch_pruning()
+    example = splits.eval_inputs[:1]
+    start = time.perf_counter()
+    model, ratio, trace = tp_search(baseline, example, settings.round_to)
+    prune_seconds = time.perf_counter() - start
+    pruned_correct = ev.correct(model)
+    cfg = settings.train_config("finetune")
+    batches = splits.batches(settings, seed)
+    summary = train_model(model, batches, seed=seed, **cfg)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model, out / "model.pt")  # the whole module: its widths are not the zoo's
+    macs = [tp.utils.count_ops_and_params(m, example)[0] for m in (baseline, model)]
+    record = {
+        "pruner": "torch_pruning.pruner.BasePruner (MetaPruner), GroupMagnitudeImportance(p=1, "
+                  "group_reduction='mean', normalizer='mean'), global_pruning=True, "
+                  "ignored_layers=[fc]",
+        "version": _tp_version(),
+        "pruning_ratio": ratio,
+        "round_to": settings.round_to,
+        "search": trace,
+        "torch_pruning_macs_kept": macs[1] / macs[0],
+        "pruned_correct": pruned_correct,
+        "prune_seconds": prune_seconds,
+        "train": train_record(cfg, summary["seconds"], summary["steps"], summary["final_loss"],
+                              batches),
+        "correct": ev.correct(model),
+        "model_file": str(out / "model.pt"),
+        "model_format": "torch.save(module)",
+    }  # fmt: skip
+    if settings.round_to > 1:  # the same pruning without rounding, for latency only
+        unrounded, _, _ = tp_search(baseline, example, 1)
+        torch.save(unrounded, out / "unrounded.pt")
+        record["unrounded_file"] = str(out / "unrounded.pt")
+    return record
+
+
+def _tp_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch-pruning")
+
+
+def load_arm_model(path: str, fmt: str) -> nn.Module:
+    """An arm's model as written by its process (artifact, or a module saved in this run)."""
+    if fmt == "artifact":
+        return mp.load(path).eval()
+    return torch.load(path, map_location="cpu", weights_only=False).eval()  # written by us
+
+
+def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_path: str,
+            work: Path) -> dict[str, Any]:  # fmt: skip
+    """One arm from the saved baseline (runs in its own process with --jobs 2)."""
+    torch.set_num_threads(args.threads)
+    root = data_dir(args.data, require="cifar10")
+    splits = load_splits(root, args.val, settings, args.seed)
+    baseline = mp.load(baseline_path).eval()
+    ev = Evaluator(splits)
+    start = time.perf_counter()
+    if arm == "torch-pruning":
+        record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
+    else:
+        scope = "layer" if arm == "modelpress-layer" else "global"
+        record = run_modelpress(baseline, splits, settings, scope, args.seed, work / arm, ev)
+    record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
+               "eval_images": ev.images}  # fmt: skip
+    log(f"{arm}: {record['seconds']:.0f} s; {splits.split} accuracy after pruning "
+        f"{100 * record['pruned_correct'] / ev.n:.2f} %, after fine-tuning "
+        f"{100 * record['correct'] / ev.n:.2f} %")  # fmt: skip
+    return record
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options."""
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="data directory holding cifar10/ and resnet20-cifar10/ "
+                   "(default: $MODELPRESS_DATA, else ../shared/data next to the repository)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder "
+                   "(default: bench/results)")  # fmt: skip
+    p.add_argument("--work", type=Path, default=WORK_DIR, help="artifacts and ONNX files go "
+                   "to <work>/<result name>/ (default: bench/work)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--quick", action="store_true", help="smoke run; writes *-quick files")
+    p.add_argument("--val", action="store_true", help="tuning run on 5,000 images held out of "
+                   "the training set (test set untouched); writes *-val files")  # fmt: skip
+    p.add_argument("--epochs", type=int, help=f"fine-tune epochs of every arm (default "
+                   f"{d.finetune_epochs}; 1 with --quick)")  # fmt: skip
+    p.add_argument("--lr", type=float, help=f"fine-tune peak lr (default {d.finetune_lr})")
+    p.add_argument("--baseline-epochs", type=int, help=f"baseline fine-tune epochs (default "
+                   f"{d.baseline_epochs}; 1 with --quick)")  # fmt: skip
+    p.add_argument("--baseline-lr", type=float, help=f"baseline fine-tune peak lr (default "
+                   f"{d.baseline_lr})")  # fmt: skip
+    p.add_argument("--round-to", type=int, help=f"keep channel counts multiples of this in "
+                   f"both libraries (default {d.round_to}; 1: off)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training and "
+                   "evaluation (default 1; see bench/README.md)")  # fmt: skip
+    p.add_argument("--latency-threads", help="comma-separated thread counts for latency "
+                   "(default 1,2; 1 with --quick)")  # fmt: skip
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms "
+                   f"(default {','.join(ARMS)})")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="run the arms in this "
+                   "many processes (--threads each; default 2); latency is always measured "
+                   "afterwards in the main process")  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the result name, e.g. for a sweep")
+    return p.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    """Defaults (or their --quick version) with the command-line overrides applied."""
+    s = Settings().quick() if args.quick else Settings()
+    overrides = {"finetune_epochs": args.epochs, "finetune_lr": args.lr,
+                 "baseline_epochs": args.baseline_epochs, "baseline_lr": args.baseline_lr,
+                 "round_to": args.round_to}  # fmt: skip
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if args.latency_threads:
+        s = replace(s, latency_threads=tuple(int(t) for t in args.latency_threads.split(",")))
+    return s
+
+
+def check_arms(arms: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The arms that can run now, and a reason for each one skipped."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise BenchError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if "torch-pruning" in arms:
+        _torch_pruning()  # fail before any training when the extra is missing
+    skipped = {}
+    if not structured_available():
+        for arm in [a for a in arms if a.startswith("modelpress")]:
+            skipped[arm] = "prune.structured is not registered in this modelpress yet"
+            log(f"skipping arm {arm}: {skipped[arm]}")
+    return [a for a in arms if a not in skipped], skipped
+
+
+def run_arms(arms: list[str], args: argparse.Namespace, settings: Settings, baseline_path: str,
+             work: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Every arm, one after another or in ``--jobs`` processes (spawned: fresh torch state)."""
+    if args.jobs == 1 or len(arms) == 1:
+        return {a: run_arm(a, args, settings, baseline_path, work) for a in arms}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = {a: pool.submit(run_arm, a, args, settings, baseline_path, work) for a in arms}
+        return {a: futures[a].result() for a in arms}
+
+
+def measure_models(
+    baseline: nn.Module, records: dict[str, dict[str, Any]], splits: Splits, settings: Settings,
+    work: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Describe every model and time it in both runtimes: ``(rows, latency)``.
+
+    The models are the baseline, each arm's (reloaded from its file) and, where an arm wrote
+    one, its un-rounded pruning (timed only)."""
+    models = {"baseline": baseline}
+    for arm, r in records.items():
+        models[arm] = load_arm_model(r["model_file"], r["model_format"])
+        if "unrounded_file" in r:
+            models[f"{arm} (round_to 1, not fine-tuned)"] = load_arm_model(
+                r["unrounded_file"], r["model_format"]
+            )
+    x = splits.eval_inputs[: max(settings.latency_batches)].contiguous()
+    latency, exports = eager_and_ort_latency(
+        models, x, work / "onnx", threads=settings.latency_threads,
+        batches=settings.latency_batches, runs=settings.latency_runs,
+        rounds=settings.latency_rounds, warmup=settings.latency_warmup,
+    )  # fmt: skip
+    example = splits.eval_inputs[:1]
+    rows = {name: describe(m, example) | {"onnx": exports[name]} for name, m in models.items()}
+    for arm, r in records.items():
+        rows[arm] |= r
+    return rows, latency
+
+
+def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON-ready results."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    root = data_dir(args.data, require="cifar10")
+    arms, skipped = check_arms([a for a in args.arms.split(",") if a])
+    splits = load_splits(root, args.val, settings, args.seed)
+    log(f"data: {len(splits.train_labels):,} training images decoded to uint8, "
+        f"{len(splits.eval_labels):,} {splits.split} images, {splits.load_seconds:.0f} s")  # fmt: skip
+    work = args.work / name
+    ev = Evaluator(splits)
+    baseline, base = run_baseline(splits, root, settings, args.seed, work, ev)
+    records = run_arms(arms, args, settings, base["artifact"], work)
+    log("latency ...")
+    t_lat = time.perf_counter()
+    rows, latency = measure_models(baseline, records, splits, settings, work)
+    rows["baseline"] |= base
+    data = {
+        "benchmark": NAME,
+        "mode": "quick" if args.quick else "full",
+        "evaluation_split": "validation (held-out training images)" if args.val else "test",
+        "data": splits.spec,
+        "train_images": len(splits.train_labels),
+        "evaluation_images": len(splits.eval_labels),
+        "load_seconds": splits.load_seconds,
+        "decode_seconds_per_image": splits.decode_seconds_per_image,
+        "settings": asdict(settings),
+        "target": {"max_accuracy_drop_pp": TARGET_DROP_PP, "min_speedup": TARGET_SPEEDUP,
+                   "flops_kept_at_most": FLOPS_KEEP},
+        "onnx": {"exporter": exporter_name(), "onnxruntime": _ort_version(),
+                 "provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL"},
+        "skipped_arms": skipped,
+        "models": rows,
+        "latency": latency,
+        "latency_seconds": time.perf_counter() - t_lat,
+        "main_eval_seconds": ev.seconds,
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    add_ratios(data)
+    data["estimate_full_run"] = estimate_full_run(data, args)
+    return data
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def add_ratios(data: dict[str, Any]) -> None:
+    """Accuracy, Δ pp, FLOPs kept / ratio, speedups and the target verdict of every model."""
+    n, models = data["evaluation_images"], data["models"]
+    base = models["baseline"]
+    first = f"threads_{data['settings']['latency_threads'][0]}"
+    for name, m in models.items():
+        m["flops_kept"] = m["flops"] / base["flops"]
+        m["flops_ratio"] = base["flops"] / m["flops"]
+        m["params_ratio"] = base["params"] / m["params"]
+        if "correct" in m:
+            m["accuracy_pct"] = 100 * m["correct"] / n
+            m["delta_pp"] = 100 * (m["correct"] - base["correct"]) / n
+        speedups: dict[str, dict[str, float]] = {}
+        for threads, per_model in data["latency"].items():
+            for runtime, entry in per_model[name].items():
+                ref = per_model["baseline"][runtime]
+                for key, value in entry.items():
+                    if key.endswith("_median_ms"):
+                        b = key.removesuffix("_median_ms")
+                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = ref[key] / value
+        m["speedup"] = speedups
+        if name != "baseline" and "delta_pp" in m:
+            m["verdict"] = verdict(m, speedups[first])
+
+
+def verdict(m: dict[str, Any], speedups: dict[str, float]) -> dict[str, Any]:
+    """Whether a model meets the target, per runtime, at the first latency thread count."""
+    acc_ok = m["delta_pp"] >= -TARGET_DROP_PP - 1e-9
+    out: dict[str, Any] = {"accuracy_ok": acc_ok}
+    for runtime in ("eager", "ort"):
+        slow = {k: v for k, v in speedups.items() if k.startswith(runtime) and v < TARGET_SPEEDUP}
+        out[f"{runtime}_speed_ok"] = not slow
+        out[f"{runtime}_short"] = slow
+        out[f"met_{runtime}"] = acc_ok and not slow
+    out["met"] = out["met_eager"] and out["met_ort"]
+    return out
+
+
+def estimate_full_run(data: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds a full run with the default settings would take, from the rates measured here
+    (steady-state training steps, evaluation and latency time scaled to the full sizes)."""
+    full, s, models = Settings(), data["settings"], data["models"]
+    n_train = 50_000 - (VAL_SIZE if args.val else 0)
+    eval_scale = (VAL_SIZE if args.val else 10_000) / data["evaluation_images"]
+    out = {"load_seconds": data["load_seconds"] + 50_000 * data["decode_seconds_per_image"]}
+    epoch = {name: n_train * m["train"]["seconds_per_image"] for name, m in models.items()
+             if "train" in m}  # fmt: skip
+    out |= {f"{name}_epoch_seconds": t for name, t in epoch.items()}
+    out["baseline_seconds"] = (full.baseline_epochs * epoch["baseline"]
+                               + data["main_eval_seconds"] * eval_scale)  # fmt: skip
+    arms = [name for name in epoch if name != "baseline"]
+    for name in arms:
+        m = models[name]
+        out[f"{name}_seconds"] = (full.finetune_epochs * epoch[name] + m["prune_seconds"]
+                                  + m["eval_seconds"] * eval_scale)  # fmt: skip
+
+    def timed_runs(runs: int, rounds: int, warmup: int, threads: Sequence[int]) -> int:
+        return (runs + rounds * warmup) * len(threads)
+
+    lat_scale = timed_runs(
+        full.latency_runs, full.latency_rounds, full.latency_warmup, full.latency_threads
+    ) / timed_runs(
+        s["latency_runs"], s["latency_rounds"], s["latency_warmup"], s["latency_threads"]
+    )
+    out["latency_seconds"] = data["latency_seconds"] * lat_scale
+    fixed = out["load_seconds"] + out["baseline_seconds"] + out["latency_seconds"]
+    per_arm = [out[f"{a}_seconds"] for a in arms]
+    out["total_seconds_jobs_1"] = fixed + sum(per_arm)
+    workers = [0.0, 0.0]  # the pool hands each arm, in order, to the first free process
+    for t in per_arm:
+        workers[workers.index(min(workers))] += t + out["load_seconds"]
+    out["total_seconds_jobs_2"] = fixed + max(workers)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×"
+
+
+def _results_table(data: dict[str, Any], threads: str) -> str:
+    rows = []
+    for name, m in data["models"].items():
+        sp = m["speedup"][threads]
+        acc = f"{m['accuracy_pct']:.2f}" if "accuracy_pct" in m else "—"
+        delta = "—" if name == "baseline" or "delta_pp" not in m else f"{m['delta_pp']:+.2f}"
+        met = "—"
+        if "verdict" in m:
+            v = m["verdict"]
+            met = (
+                "**yes**"
+                if v["met"]
+                else ("ORT only" if v["met_ort"] else ("eager only" if v["met_eager"] else "no"))
+            )
+        rows.append([
+            name, acc, delta, f"{m['params']:,}", f"{m['flops'] / 1e6:.1f}",
+            f"{m['flops_kept']:.3f} ({_x(m['flops_ratio'])})",
+            _x(sp["eager_b1"]), _x(sp["eager_b64"]), _x(sp["ort_b1"]), _x(sp["ort_b64"]), met,
+        ])  # fmt: skip
+    split = "test" if data["evaluation_split"] == "test" else "val"
+    headers = ["model", f"{split} accuracy %", "Δ pp", "params", "MFLOPs",
+               "FLOPs kept (ratio)", "eager b1", "eager b64", "ORT b1", "ORT b64",
+               "target met"]  # fmt: skip
+    return markdown_table(headers, rows, align="lrrrrrrrrrc")
+
+
+def _latency_table(data: dict[str, Any], threads: str) -> str:
+    rows = []
+    for name, per in data["latency"][threads].items():
+        cells = [name]
+        for runtime in ("eager", "ort"):
+            for b in data["settings"]["latency_batches"]:
+                e = per[runtime]
+                cells.append(f"{e[f'b{b}_median_ms']:.2f} ({e[f'b{b}_min_round_ms']:.2f}–"
+                             f"{e[f'b{b}_max_round_ms']:.2f})")  # fmt: skip
+        rows.append(cells)
+    bs = data["settings"]["latency_batches"]
+    headers = ["model", *[f"{r} b{b} ms" for r in ("eager", "ORT") for b in bs]]
+    return markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1))
+
+
+def _details_table(data: dict[str, Any]) -> str:
+    n, rows = data["evaluation_images"], []
+    for name, m in data["models"].items():
+        if "train" not in m or name == "baseline":
+            continue
+        widths = "/".join(str(w) for w in m["conv_out_channels"].values())
+        rows.append([name, f"{100 * m['pruned_correct'] / n:.2f}", f"{m['accuracy_pct']:.2f}",
+                     f"{m['train']['seconds']:.0f}", f"{m['state_dict_bytes']:,}",
+                     f"{m.get('artifact_bytes', '—'):,}" if "artifact_bytes" in m else "—",
+                     widths])  # fmt: skip
+    headers = [
+        "arm",
+        "accuracy after pruning %",
+        "after fine-tune %",
+        "fine-tune s",
+        "fp32 state_dict bytes",
+        "artifact bytes",
+        "conv output channels (in order)",
+    ]
+    return markdown_table(headers, rows, align="lrrrrrl")
+
+
+def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
+    """The Markdown report."""
+    quick = data["mode"] == "quick"
+    val = data["evaluation_split"] != "test"
+    title = "# Structured pruning of ResNet-20 on CIFAR-10 (JPEG) to half the FLOPs"
+    title += " (quick smoke run)" if quick else ""
+    title += " — validation run (for tuning; not the reported result)" if val else ""
+    s, base = data["settings"], data["models"]["baseline"]
+    threads = [f"threads_{t}" for t in s["latency_threads"]]
+    parts = [
+        title,
+        f"Target: **≤ {TARGET_DROP_PP} pp accuracy loss and ≥ {TARGET_SPEEDUP}× measured CPU "
+        f"speedup at batch 1 and batch 64**, at ≤ {FLOPS_KEEP} of the baseline's FLOPs; "
+        "judged per runtime (torch eager, onnxruntime) at "
+        f"{s['latency_threads'][0]} thread(s).",
+        "\n".join(_verdict_lines(data)),
+        f"## Results ({s['latency_threads'][0]} thread)",
+        _results_table(data, threads[0]),
+    ]
+    for t in threads[1:]:
+        parts += [f"## Speedups at {t.removeprefix('threads_')} threads",
+                  _results_table(data, t)]  # fmt: skip
+    for t in threads:
+        parts += [f"### Latency at {t.removeprefix('threads_')} thread(s), median ms "
+                  "(lowest–highest round median)", _latency_table(data, t)]  # fmt: skip
+    parts += [
+        "## Arms",
+        _details_table(data),
+        _setup_text(data, base),
+        "## Run",
+        run_info_markdown(info),
+    ]
+    if data["skipped_arms"]:
+        parts.insert(3, "Skipped: " + "; ".join(f"`{a}` ({r})" for a, r in
+                                                data["skipped_arms"].items()))  # fmt: skip
+    return "\n\n".join(parts)
+
+
+def _verdict_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, m in data["models"].items():
+        if "verdict" not in m:
+            continue
+        v, bits = m["verdict"], []
+        bits.append(f"{m['delta_pp']:+.2f} pp ({'ok' if v['accuracy_ok'] else 'too much'})")
+        for runtime, label in (("eager", "eager"), ("ort", "ORT")):
+            short = ", ".join(
+                f"{k.split('_')[1]} {_x(x)}" for k, x in v[f"{runtime}_short"].items()
+            )
+            bits.append(f"{label} {'ok' if not short else 'short: ' + short}")
+        lines.append(f"- **{name}: {'met' if v['met'] else 'not met'}** — " + "; ".join(bits))
+    return lines
+
+
+def _setup_text(data: dict[str, Any], base: dict[str, Any]) -> str:
+    s = data["settings"]
+    bt, n_eval = base["train"], data["evaluation_images"]
+    onnx = data["onnx"]
+    return (
+        f"Baseline: Distiller's ResNet-20 checkpoint ({100 * base['checkpoint_correct'] / n_eval:.2f} % "
+        f"on this split before fine-tuning) fine-tuned {bt['epochs']} epoch(s) on "
+        f"{data['train_images']:,} JPEG training images (SGD momentum {s['momentum']}, lr "
+        f"{bt['lr']}, cosine, weight decay {s['weight_decay']}, batch {s['batch_size']}, "
+        f"{bt['seconds']:.0f} s). Every arm then prunes to ≤ {FLOPS_KEEP} of its FLOPs (channel "
+        f"counts multiples of {s['round_to']}) and fine-tunes {s['finetune_epochs']} epoch(s) "
+        f"(SGD momentum {s['momentum']}, lr {s['finetune_lr']}, cosine, weight decay "
+        f"{s['weight_decay']}) in the same loop (`modelpress.train.fit`) on the same "
+        "augmented batches (random crop of the 4-pixel zero-padded image, horizontal flip; "
+        "same seed, same order). FLOPs are `modelpress.measure.count_flops` (torch's "
+        "FlopCounterMode: 2 per multiply-accumulate) for every model. Latency: torch eager and "
+        f"onnxruntime {onnx['onnxruntime']} ({onnx['provider']}, {onnx['graph_optimization']}, "
+        f"sequential) on an ONNX file exported with the {onnx['exporter']} exporter (checked "
+        "against eager), median of round medians over "
+        f"{s['latency_runs']} runs in {s['latency_rounds']} rounds that alternate between all "
+        f"models and runtimes ({s['latency_warmup']} warm-up runs per round); speedup = "
+        "baseline median / model median. The `round_to 1, not fine-tuned` rows are the same "
+        "pruning without rounding the channel counts, timed only (their accuracy is not "
+        "measured): they show what the rounding is for."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write ``<out>/structured_cifar[-val][-quick].{json,md}``."""
+    args = parse_args(argv)
+    settings = make_settings(args)
+    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name += f"-{args.tag}" if args.tag else ""
+    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+                    threads={"train": args.threads, "processes": args.jobs,
+                             **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
+    data = run(args, settings, name)
+    info |= {"seed": args.seed, "seconds": data["seconds"]}
+    md = markdown(data, info)
+    json_path, md_path = write_results(name, {"run": info, **data}, md, args.out)
+    print(md.split("\n\n## Arms")[0])
+    est = data["estimate_full_run"]
+    log("estimated full run: " + ", ".join(f"{k} {v:.0f}" for k, v in est.items()))
+    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
