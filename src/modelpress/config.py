@@ -10,12 +10,23 @@ import typing
 from typing import Any, ClassVar, Literal, TypeVar
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from modelpress.errors import ConfigError, suggest
 
 C = TypeVar("C", bound="TechniqueConfig")
+
+
+def _fractions(value: dict[str, float]) -> dict[str, float]:
+    for sel, s in value.items():
+        if not 0 <= s < 1:
+            raise ValueError(f"layer_sparsity[{sel!r}] = {s!r} is not in [0, 1)")
+    return value
+
+
+# per-layer overrides: selector -> a fraction in [0, 1)
+LayerFractions = typing.Annotated[dict[str, float], AfterValidator(_fractions)]
 
 
 class TechniqueConfig(BaseModel):

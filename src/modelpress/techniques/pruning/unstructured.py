@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from modelpress.config import TargetedConfig
+from modelpress.config import LayerFractions, TargetedConfig
 from modelpress.context import Context
 from modelpress.targeting import matches, select_weighted
 from modelpress.techniques.pruning.mask import set_mask
@@ -30,18 +30,10 @@ class UnstructuredConfig(TargetedConfig):
     scope: Literal["global", "layer"] = Field(
         "global", description="Rank weights across all selected layers, or within each layer."
     )
-    layer_sparsity: dict[str, float] = Field(
+    layer_sparsity: LayerFractions = Field(
         default_factory=dict,
         description="Per-layer sparsity overrides: selector -> sparsity (pruned layer-wise).",
     )
-
-    @field_validator("layer_sparsity")
-    @classmethod
-    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
-        for sel, s in value.items():
-            if not 0 <= s < 1:
-                raise ValueError(f"layer_sparsity[{sel!r}] = {s!r} is not in [0, 1)")
-        return value
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

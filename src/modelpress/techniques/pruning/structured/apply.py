@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from modelpress.config import TargetedConfig
+from modelpress.config import LayerFractions, TargetedConfig
 from modelpress.context import Context
 from modelpress.errors import DataError, UnsupportedModuleError
 from modelpress.measure.flops import count_flops
@@ -55,7 +55,7 @@ class StructuredConfig(TargetedConfig):
     scope: Literal["layer", "global"] = Field(
         "layer", description="Prune each group by the same fraction, or rank channels globally."
     )
-    layer_sparsity: dict[str, float] = Field(
+    layer_sparsity: LayerFractions = Field(
         default_factory=dict, description="Per-layer overrides: producer selector -> sparsity."
     )
     max_sparsity: float = Field(
@@ -64,14 +64,6 @@ class StructuredConfig(TargetedConfig):
     round_to: int = Field(1, ge=1, description="Kept channels per group: a multiple of this.")
     n_batches: int = Field(8, ge=1, description="Labelled batches for Taylor importance.")
     batch_size: int = Field(32, ge=1, description="Batch size for Taylor importance.")
-
-    @field_validator("layer_sparsity")
-    @classmethod
-    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
-        for sel, s in value.items():
-            if not 0 <= s < 1:
-                raise ValueError(f"layer_sparsity[{sel!r}] = {s!r} is not in [0, 1)")
-        return value
 
 
 def find_groups(model: nn.Module, ctx: Context) -> tuple[list[Group], dict[int, str]]:
