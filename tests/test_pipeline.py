@@ -60,8 +60,16 @@ def test_data_as_a_spec_string_and_as_a_loader(mlp, digits):
 def test_recipe_argument_forms(mlp, digits):
     with pytest.raises(ConfigError, match="recipe must be"):
         mp.compress(mlp, [], data=digits)
+    with pytest.raises(ConfigError, match="recipe must be"):
+        mp.compress(mlp, ["quant.rtn"], data=digits)
+    with pytest.raises(ConfigError, match="stage 2 .*'bits'"):
+        mp.compress(mlp, [mp.Stage.of("train"), {"technique": "quant.rtn", "bits": 99}])
     r = mp.compress(mlp, mp.Recipe.builtin("int4"), data=digits, latency_runs=0)
     assert r.recipe.name == "int4"
+    mixed = [mp.Stage.of("prune.magnitude", sparsity=0.5), {"technique": "quant.rtn", "bits": 4}]
+    r = mp.compress(mlp, mixed, data=digits, latency_runs=0)
+    assert [s.technique for s in r.recipe.stages] == ["prune.magnitude", "quant.rtn"]
+    assert r.recipe.stages[1].config.bits == 4
 
 
 def test_same_seed_same_model(mlp, digits):
