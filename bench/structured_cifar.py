@@ -17,6 +17,8 @@ all start from the baseline and are fine-tuned with the same budget, loop
 
 * ``modelpress``       -- ``compress`` with ``prune.structured`` (L1, global, FLOPs target
   0.5) then ``train``;
+* ``modelpress-l2`` -- the same with L2 filter norms (added after the first full run, whose
+  L1 allocation kept layer 3 narrow where Torch-Pruning kept it wide; see bench/README.md);
 * ``modelpress-layer`` -- the same with ``scope: layer`` (uniform layer-wise);
 * ``torch-pruning``    -- Torch-Pruning's ``BasePruner`` (``MetaPruner``), group L1 magnitude,
   global, ``fc`` ignored, its ratio bisected until FLOPs <= 0.5 of the baseline's.
@@ -80,7 +82,13 @@ from _onnx import eager_and_ort_latency, exporter_name
 NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
-ARMS = ("modelpress", "modelpress-layer", "torch-pruning")
+ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "torch-pruning")
+# arm -> (scope, importance) of prune.structured
+MODELPRESS_ARMS = {
+    "modelpress": ("global", "l1"),
+    "modelpress-l2": ("global", "l2"),
+    "modelpress-layer": ("layer", "l1"),
+}
 PAD = 4  # pixels of zero padding around each image before the random 32x32 crop
 INSTALL_HINT = "pip install -r bench/requirements.txt"
 
@@ -341,22 +349,27 @@ def structured_available() -> bool:
     return "prune.structured" in technique_names()
 
 
-def modelpress_recipe(settings: Settings, scope: str, finetune: bool = True) -> mp.Recipe:
-    """``prune.structured`` (L1, FLOPs target 0.5, ``scope``) then, optionally, ``train``."""
-    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance="l1", scope=scope)
+def modelpress_recipe(
+    settings: Settings, scope: str, importance: str, finetune: bool = True
+) -> mp.Recipe:
+    """``prune.structured`` (FLOPs target 0.5, ``scope``, ``importance``), then ``train``."""
+    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance=importance, scope=scope)
     if settings.round_to > 1:
         prune["round_to"] = settings.round_to
     stages = [mp.Stage.of("prune.structured", **prune)]
     if finetune:
         stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
-    return mp.Recipe(stages=tuple(stages), name=f"structured-{scope}-flops{FLOPS_KEEP}")
+    return mp.Recipe(
+        stages=tuple(stages), name=f"structured-{scope}-{importance}-flops{FLOPS_KEEP}"
+    )
 
 
 def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scope: str,
-                   seed: int, out: Path, ev: Evaluator) -> dict[str, Any]:  # fmt: skip
+                   importance: str, seed: int, out: Path,
+                   ev: Evaluator) -> dict[str, Any]:  # fmt: skip
     """``compress(baseline, [prune.structured, train])`` on the augmented batches; the model
     is saved as an artifact and reloaded (the reloaded one is what gets measured)."""
-    recipe = modelpress_recipe(settings, scope)
+    recipe = modelpress_recipe(settings, scope, importance)
     example = splits.eval_inputs[:1]
     batches = splits.batches(settings, seed)
     result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
@@ -379,9 +392,9 @@ def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scop
         "model_file": str(path),
         "model_format": "artifact",
     }  # fmt: skip
-    if settings.round_to > 1 and scope == "global":  # the same pruning without rounding
+    if settings.round_to > 1 and (scope, importance) == ("global", "l1"):  # without rounding
         plain = replace(settings, round_to=1)
-        arch = mp.compress(baseline, modelpress_recipe(plain, scope, finetune=False),
+        arch = mp.compress(baseline, modelpress_recipe(plain, scope, importance, finetune=False),
                            data=splits.batches(settings, seed), example_inputs=example,
                            seed=seed, latency_runs=0)  # fmt: skip
         record["unrounded_file"] = str(arch.save(out / "unrounded"))
@@ -504,8 +517,9 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
     if arm == "torch-pruning":
         record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
     else:
-        scope = "layer" if arm == "modelpress-layer" else "global"
-        record = run_modelpress(baseline, splits, settings, scope, args.seed, work / arm, ev)
+        scope, importance = MODELPRESS_ARMS[arm]
+        record = run_modelpress(baseline, splits, settings, scope, importance, args.seed,
+                                work / arm, ev)  # fmt: skip
     record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
                "eval_images": ev.images}  # fmt: skip
     log(f"{arm}: {record['seconds']:.0f} s; {splits.split} accuracy after pruning "
