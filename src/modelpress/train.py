@@ -18,6 +18,7 @@ from torch import nn
 
 from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context, forward
+from modelpress.data.augment import augment_batch
 from modelpress.errors import TrainingError
 
 
@@ -33,6 +34,10 @@ class TrainConfig(TechniqueConfig):
     batch_size: int = Field(64, ge=1, description="Batch size when data comes as a spec.")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="LR schedule.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    crop_padding: int = Field(
+        0, ge=0, description="Augment: zero-pad images by this much, random crop back (0: off)."
+    )
+    hflip: bool = Field(False, description="Augment: flip images left-right with p = 1/2.")
 
     @model_validator(mode="after")
     def _some_training(self) -> TrainConfig:
@@ -132,6 +137,7 @@ def fit(
         total = min(total, per_epoch * cfg.epochs) if total else per_epoch * cfg.epochs
     optimizer = make_optimizer(model, cfg)
     state = TrainState(model=model, optimizer=optimizer, ctx=ctx, total_steps=total)
+    augment_gen = ctx.generator(offset=7)
     was_training = model.training
     model.train()
     start = time.perf_counter()
@@ -141,6 +147,7 @@ def fit(
         epochs = cfg.epochs if cfg.epochs else 1 << 30
         while state.epoch < epochs and (not total or state.step < total):
             for batch in ctx.training_batches(cfg.batch_size, epoch=state.epoch):
+                batch = augment_batch(batch, cfg.crop_padding, cfg.hflip, augment_gen)
                 _train_step(state, batch, cfg, callbacks)
                 advance(state.loss)
                 if total and state.step >= total:
