@@ -9,6 +9,7 @@ stderr and exit code 2, as the ``modelpress`` CLI does.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -108,6 +109,29 @@ def command_line(argv: Sequence[str]) -> str:
     path = Path(script).resolve()
     shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
     return shlex.join(["python", str(shown), *rest])
+
+
+def base_parser(
+    doc: str, holds: str, work_layout: str, seed_help: str = "everything random"
+) -> argparse.ArgumentParser:
+    """The options every benchmark has: --data, --out, --work, --seed and --quick.
+
+    Args:
+        doc: the benchmark module's docstring (its first paragraph is the description).
+        holds: what the data directory must hold, e.g. ``mnist/``.
+        work_layout: where under ``<work>`` the artifacts go, e.g. ``<result name>/<arm>``.
+        seed_help: what the seed seeds.
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data", help=f"data directory holding {holds} (default: $MODELPRESS_DATA, "
+                   "else ../shared/data next to the repository)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder "
+                   "(default: bench/results)")  # fmt: skip
+    p.add_argument("--work", type=Path, default=WORK_DIR, help="where the artifacts are "
+                   f"written, in <work>/{work_layout} (default: bench/work)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help=f"seed of {seed_help} (default 0)")
+    p.add_argument("--quick", action="store_true", help="smoke run; writes *-quick files")
+    return p
 
 
 def run_info(argv: Sequence[str], *, threads: dict[str, int] | None = None) -> dict[str, Any]:

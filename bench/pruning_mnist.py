@@ -49,8 +49,7 @@ from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    RESULTS_DIR,
-    WORK_DIR,
+    base_parser,
     data_dir,
     error_pct,
     interleaved_latency,
@@ -185,15 +184,7 @@ class Settings:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="data directory holding mnist/ (default: $MODELPRESS_DATA, "
-                   "else ../shared/data next to the repository)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder "
-                   "(default: bench/results)")  # fmt: skip
-    p.add_argument("--work", type=Path, default=WORK_DIR, help="where the artifacts are "
-                   "written, in <work>/<result name>/<net>/<variant> (default: bench/work)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--quick", action="store_true", help="smoke run; writes *-quick files")
+    p = base_parser(__doc__, "mnist/", "<result name>/<net>/<variant>")
     p.add_argument("--val", action="store_true", help="tuning run on a validation split carved "
                    "from the training set (test set untouched); writes *-val files")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="train the two networks "

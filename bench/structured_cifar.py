@@ -64,11 +64,10 @@ from modelpress.train import train_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar import TRAIN_JPEG, _require, load_cifar10_test_jpeg, load_resnet20_checkpoint
 from _common import (
-    RESULTS_DIR,
     VAL_SIZE,
     VAL_SPLIT_SEED,
-    WORK_DIR,
     BenchError,
+    base_parser,
     data_dir,
     log,
     main_guard,
@@ -534,15 +533,9 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
     d = Settings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="data directory holding cifar10/ and resnet20-cifar10/ "
-                   "(default: $MODELPRESS_DATA, else ../shared/data next to the repository)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder "
-                   "(default: bench/results)")  # fmt: skip
-    p.add_argument("--work", type=Path, default=WORK_DIR, help="artifacts and ONNX files go "
-                   "to <work>/<result name>/ (default: bench/work)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--quick", action="store_true", help="smoke run; writes *-quick files")
+    p = base_parser(
+        __doc__, "cifar10/ and resnet20-cifar10/", "<result name>/<arm> (with ONNX files)"
+    )
     p.add_argument("--val", action="store_true", help="tuning run on 5,000 images held out of "
                    "the training set (test set untouched); writes *-val files")  # fmt: skip
     p.add_argument("--epochs", type=int, help=f"fine-tune epochs of every arm (default "

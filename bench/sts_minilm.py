@@ -58,9 +58,8 @@ from modelpress.registry import get_technique, technique_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    RESULTS_DIR,
-    WORK_DIR,
     BenchError,
+    base_parser,
     data_dir,
     interleaved_latency,
     log,
@@ -144,16 +143,9 @@ def model_dir() -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="data directory holding stsbenchmark/ (default: "
-                   "$MODELPRESS_DATA, else ../shared/data next to the repository)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder "
-                   "(default: bench/results)")  # fmt: skip
-    p.add_argument("--work", type=Path, default=WORK_DIR, help="where the artifacts are "
-                   "written, in <work>/<result name>/<arm> (default: bench/work)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of "
-                   "compress (default 0)")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="smoke run; writes *-quick files")
+    p = base_parser(
+        __doc__, "stsbenchmark/", "<result name>/<arm>", "the calibration sample and compress"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads for compression and "
                    "evaluation (default 1; latency always uses 1 and 2, benchmark 4 uses 2 "
                    "and 1)")  # fmt: skip
