@@ -9,6 +9,7 @@ then check every module can be sliced *before* slicing any, shrink, and record t
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Literal
 
 import torch
@@ -187,7 +188,7 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
     if cfg.importance == "taylor":
         if not ctx.has_data():
             raise DataError(f"{OWNER} with importance 'taylor' needs labelled data; pass data=...")
-        batches = _first(ctx.training_batches(cfg.batch_size), cfg.n_batches)
+        batches = list(islice(ctx.training_batches(cfg.batch_size), cfg.n_batches))
     scores = group_scores(model, chosen, cfg.importance, ctx, batches)
     fixed = [_override(cfg, model, g) for g in chosen]
     if cfg.flops_target is not None:
@@ -215,12 +216,3 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
 def _label(group: Group) -> str:
     names = sorted(m.module for m in group.producers) or [f"{group.members[0].module} inputs"]
     return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} coupled)"
-
-
-def _first(batches: object, n: int) -> list:
-    out = []
-    for batch in batches:  # type: ignore[attr-defined]
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
