@@ -75,6 +75,41 @@ class Depthwise(nn.Module):
         return self.fc(x.view(x.size(0), -1))  # (B, 3)
 
 
+class SqueezeExcite(nn.Module):
+    """Conv-BN, channel gating by a bottleneck MLP (``x * w[:, :, None, None]``), conv, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.squeeze = nn.Linear(16, 4)
+        self.excite = nn.Linear(4, 16)
+        self.project = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))  # (B, 16, H, W)
+        w = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3))))))  # (B, 16)
+        x = torch.relu(self.project(x * w[:, :, None, None]))  # (B, 8, H, W)
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenMLP(nn.Module):
+    """Tokens ``(B, T, F)``: an embedding Linear, a residual MLP, mean over tokens, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (B, T, 16)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(1))  # (B, 2)
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow: cannot be traced."""
 
@@ -177,6 +212,21 @@ def test_flatten_expands_each_channel_into_spatial_features():
     assert {("dw", "depthwise"), ("bn", "norm"), ("project", "in")} <= _members(expand)
 
 
+def test_gating_couples_the_excitation_with_the_gated_channels():
+    groups = build_graph(SqueezeExcite().eval(), torch.randn(1, 3, 6, 6)).groups()
+    gated = next(g for g in groups if ("conv", "out") in _members(g))
+    assert {("excite", "out"), ("squeeze", "in"), ("project", "in")} <= _members(gated)
+    assert gated.pinned is None
+
+
+def test_token_features_are_the_last_axis():
+    groups = build_graph(TokenMLP().eval(), torch.randn(1, 7, 5)).groups()
+    hidden = next(g for g in groups if ("embed", "out") in _members(g))
+    assert {("down", "out"), ("up", "in"), ("head", "in")} <= _members(hidden)
+    assert hidden.pinned is None
+    assert not any(("embed", "in") in _members(g) for g in groups)  # inputs are kept
+
+
 def test_model_inputs_and_outputs_are_pinned():
     groups = build_graph(Residual().eval(), torch.randn(1, 3, 8, 8)).groups()
     assert next(g for g in groups if ("fc", "out") in _members(g)).pinned == (
@@ -199,7 +249,13 @@ def test_grouped_conv_channels_are_kept_and_reported():
 
 @pytest.mark.parametrize(
     ("factory", "shape"),
-    [(Residual, (2, 3, 8, 8)), (Concat, (2, 3, 6, 6)), (Depthwise, (2, 3, 6, 6))],
+    [
+        (Residual, (2, 3, 8, 8)),
+        (Concat, (2, 3, 6, 6)),
+        (Depthwise, (2, 3, 6, 6)),
+        (SqueezeExcite, (2, 3, 6, 6)),
+        (TokenMLP, (2, 7, 5)),
+    ],
 )
 def test_removing_zero_channels_keeps_outputs(factory, shape):
     torch.manual_seed(0)

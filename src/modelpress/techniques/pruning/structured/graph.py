@@ -300,13 +300,12 @@ class _Builder:
     ) -> Channels | None:
         if x is None or x.dim != 1 or any(s.expand != 1 for s in x.segments):
             self.graph.pin(x, f"enter {name} in a layout it cannot follow")
+            if conv.groups == 1:  # its filters can still go; its input channels stay
+                return self._producer(node, name, dim=1)
             return self._fresh(node, pin=f"come from {name}, whose input is not followed")
         if conv.groups == 1:
             self._add_members(x, name, "in")
-            out = self._fresh(node)
-            assert out is not None
-            self.graph.add(out.segments[0].space, Member(name, "out"))
-            return out
+            return self._producer(node, name, dim=1)
         if conv.groups == conv.in_channels == conv.out_channels:
             self._add_members(x, name, "depthwise")
             return x
@@ -315,12 +314,17 @@ class _Builder:
 
     def _linear(self, node: fx.Node, name: str, x: Channels | None) -> Channels | None:
         if x is None or not _is_last(node.args[0], x):
+            # its neurons can still go; the input features stay (pinned)
             self.graph.pin(x, f"enter {name} on an axis other than its features")
-            return self._fresh(node, dim=-1, pin=f"come from {name}, whose input is not followed")
-        self._add_members(x, name, "in")
-        out = self._fresh(node, dim=-1)
-        assert out is not None
-        self.graph.add(out.segments[0].space, Member(name, "out"))
+        else:
+            self._add_members(x, name, "in")
+        return self._producer(node, name, dim=-1)
+
+    def _producer(self, node: fx.Node, name: str, dim: int) -> Channels | None:
+        """A new space of ``name``'s output channels along ``dim``, with it as producer."""
+        out = self._fresh(node, dim=dim)
+        if out is not None:
+            self.graph.add(out.segments[0].space, Member(name, "out"))
         return out
 
     def _add_members(self, x: Channels, name: str, role: str) -> None:
@@ -347,8 +351,12 @@ class _Builder:
         target = node.target
         if node.op == "call_method" and target in ("size", "dim", "numel"):
             return None
+        if node.op == "call_function" and target is operator.getitem:
+            x = self.channels.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            if x is not None:
+                return self._index(node, x)
         if node.op == "call_function" and target in (getattr, operator.getitem, len):
-            return None if _shape(node) is None else self._unknown(node, str(target))
+            return None if _shape(node) is None else self._unknown(node, _name(node))
         inputs = [a for a in _flat_args(node) if isinstance(a, fx.Node) and self.channels.get(a)]
         x = self.channels.get(inputs[0]) if inputs else None
         if x is None:
@@ -361,6 +369,9 @@ class _Builder:
             return x if _same_channel_axis(node, x) else self._unknown(node, _name(node))
         if target in ELEMENTWISE or (node.op == "call_method" and target in ELEMENTWISE_METHODS):
             return self._elementwise(node, inputs)
+        if target is torch.unsqueeze or (node.op == "call_method" and target == "unsqueeze"):
+            d = _arg(node, 1, "dim", 0) % len(_shape(node) or (0,))
+            return Channels(x.dim + (d <= x.dim), x.segments)
         if target in (torch.flatten,) or (node.op == "call_method" and target == "flatten"):
             start = _arg(node, 1, "start_dim", 0)
             end = _arg(node, 2, "end_dim", -1)
@@ -398,17 +409,42 @@ class _Builder:
             return self._unknown(node, _name(node))
         dims = {d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
         keepdim = bool(_arg(node, 2, "keepdim", False))
-        if x.dim in dims or (not keepdim and any(d < x.dim for d in dims)):
+        if x.dim in dims:
             return self._unknown(node, f"{_name(node)} over the channel axis")
-        return x
+        return x if keepdim else Channels(x.dim - sum(d < x.dim for d in dims), x.segments)
+
+    def _index(self, node: fx.Node, x: Channels) -> Channels | None:
+        """``x[...]`` with full slices, ``None`` and ints: the channel axis moves, or (when
+        the index selects within it) is not followed."""
+        index = node.args[1]
+        entries = index if isinstance(index, tuple) else (index,)
+        dim, out_dims = 0, 0  # source dim reached, output dims produced so far
+        for e in entries:
+            if e is None:
+                out_dims += 1
+                continue
+            full = isinstance(e, slice) and e == slice(None)
+            if (dim == x.dim and not full) or not (full or isinstance(e, (int, slice))):
+                return self._unknown(node, "indexing into the channel axis")
+            if dim == x.dim:
+                return Channels(out_dims, x.segments)
+            out_dims += 0 if isinstance(e, int) else 1
+            dim += 1
+        return Channels(out_dims + x.dim - dim, x.segments)  # untouched trailing dims
 
     def _view(self, node: fx.Node, x: Channels) -> Channels | None:
         src, out = _shape(node.args[0]), _shape(node)
         flattens = src is not None and out is not None and len(src) > 2 and len(out) == 2
         if flattens and x.dim == 1 and out[0] == src[0]:  # type: ignore[index]
             return self._flatten(node, x)
-        if src == out:
-            return x
+        if src is not None and out is not None:
+            k = x.dim
+            if src[: k + 1] == out[: k + 1] and math.prod(src[k + 1 :]) == math.prod(out[k + 1 :]):
+                return (
+                    x  # leading dims and the channel axis unchanged (e.g. (B, C) -> (B, C, 1, 1))
+                )
+            if k == len(src) - 1 and out[-1] == src[-1]:
+                return Channels(len(out) - 1, x.segments)  # channels last, leading dims merged
         return self._unknown(node, "a view/reshape that splits the channel axis")
 
     def _cat(self, node: fx.Node) -> Channels | None:
