@@ -82,6 +82,19 @@ class Hessian:
         self.rows = total
 
 
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``U``, upper triangular with ``U^T U = (H + lambda I)^-1``, ``lambda = percdamp *
+    mean(diag H)``: the factor SparseGPT and GPTQ walk column by column (its row ``j`` from
+    the diagonal on holds the OBS update of the later columns when column ``j`` changes).
+
+    Raises:
+        torch.linalg.LinAlgError: the dampened ``H`` is not positive definite.
+    """
+    damped = hessian + percdamp * hessian.diagonal().mean() * torch.eye(len(hessian))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
 class ColumnNorms:
     """``||X_j||_2``, the L2 norm of each input column over all rows (Wanda's activation norm)."""
 

@@ -31,7 +31,13 @@ from torch import nn
 
 from modelpress.context import Context
 from modelpress.errors import DataError
-from modelpress.layerwise import Hessian, calibrate_layerwise, input_width, set_weight
+from modelpress.layerwise import (
+    Hessian,
+    calibrate_layerwise,
+    input_width,
+    inverse_hessian_factor,
+    set_weight,
+)
 from modelpress.parametrizations import effective_tensor, find_parametrization
 from modelpress.registry import technique
 from modelpress.techniques.pruning.calibrated import (
@@ -57,18 +63,6 @@ class SparseGPTConfig(CalibratedPruningConfig):
         if self.m is not None and self.blocksize % self.m:
             raise ValueError(f"'blocksize' ({self.blocksize}) must be a multiple of 'm' ({self.m})")
         return self
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """``U``, upper triangular with ``U^T U = (H + lambda I)^-1``, ``lambda = percdamp *
-    mean(diag H)``.
-
-    Raises:
-        torch.linalg.LinAlgError: the dampened ``H`` is not positive definite.
-    """
-    damped = hessian + percdamp * hessian.diagonal().mean() * torch.eye(len(hessian))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def _block_mask(
