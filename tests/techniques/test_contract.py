@@ -18,6 +18,7 @@ CASES = {
     "prune.sparsegpt": ({"sparsity": 0.5, "n_samples": 64}, 0.95, True, True, ()),
     "prune.structured": ({"sparsity": 0.25}, 0.9, True, True, ()),
     "quant.rtn": ({"bits": 4, "group_size": 16}, 0.98, True, True, ()),
+    "quant.gptq": ({"bits": 4, "group_size": 16, "n_samples": 64}, 0.98, True, True, ()),
     "train": ({"max_steps": 5, "lr": 1e-4}, 0.98, False, False, ()),
 }
 # the convnet's first conv has one input channel: N:M cannot group it
@@ -41,6 +42,7 @@ def test_every_technique_has_a_contract_case():
             "prune.wanda",
             "prune.sparsegpt",
             "quant.rtn",
+            "quant.gptq",
         )
     ],
 )

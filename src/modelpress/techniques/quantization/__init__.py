@@ -1,3 +1,3 @@
 """Quantization: weights (and later activations) as low-bit integers."""
 
-from modelpress.techniques.quantization import rtn  # noqa: F401
+from modelpress.techniques.quantization import gptq, rtn  # noqa: F401

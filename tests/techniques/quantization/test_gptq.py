@@ -1,0 +1,113 @@
+"""quant.gptq: beats RTN on correlated inputs, exact grid, act-order, masks kept, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.context import Context
+from modelpress.errors import UnsupportedModuleError
+from modelpress.layerwise import Hessian
+from modelpress.parametrizations import effective_tensor, find_parametrization
+from modelpress.techniques.pruning.mask import Mask
+from modelpress.techniques.quantization.affine import GroupLayout, compute_qparams
+from modelpress.techniques.quantization.gptq import (
+    GPTQConfig,
+    apply_gptq,
+    column_grid,
+    gptq_quantize,
+)
+
+
+def _correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5
+    return torch.randn(n, cols, generator=g) @ mix + 0.1 * torch.randn(n, cols, generator=g)
+
+
+def _grid(w: torch.Tensor, bits: int, group_size: int | None):
+    layout = GroupLayout(tuple(w.shape), "group" if group_size else "channel", group_size)
+    scale, zero = compute_qparams(layout.to_groups(w), bits, symmetric=False)
+    return layout, scale, zero, *column_grid(layout, scale, zero)
+
+
+def _rtn(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1) - z) * s
+
+
+@pytest.mark.parametrize(("bits", "group_size", "act_order"), [(3, None, False), (4, 16, True)])
+def test_gptq_reconstructs_better_than_rtn(bits, group_size, act_order):
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    x = _correlated_inputs(512, 64)
+    h = Hessian(64)
+    h.update(x)
+    _, _, _, s, z = _grid(w, bits, group_size)
+    q = gptq_quantize(w, h.matrix, s, z, bits, blocksize=16, act_order=act_order)
+    err_gptq = (x @ (w - q).T).norm()
+    err_rtn = (x @ (w - _rtn(w, s, z, bits)).T).norm()
+    assert err_gptq < 0.8 * err_rtn  # measured 0.75 (3-bit channel), lower with groups
+    assert torch.equal(_rtn(q, s, z, bits), q)  # on the grid: quantizing again changes nothing
+
+
+def test_pruned_weights_stay_zero():
+    w = torch.randn(8, 32)
+    pruned = torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) < 0.5
+    h = Hessian(32)
+    h.update(_correlated_inputs(128, 32))
+    _, _, _, s, z = _grid(w, 4, None)
+    q = gptq_quantize(w, h.matrix, s, z, 4, pruned=pruned)
+    assert torch.all(q[pruned] == 0)
+
+
+def test_on_a_trained_mlp_and_reload(mlp, digits, tmp_path):
+    recipe = [{"technique": "quant.gptq", "bits": 2, "n_samples": 128}]
+    gptq = mp.compress(mlp, recipe, data=digits, latency_runs=0)
+    rtn = mp.compress(mlp, [{"technique": "quant.rtn", "bits": 2}], data=digits, latency_runs=0)
+    # measured 0.961 (dense 0.961) vs 0.933 at 2 bits; at 3-4 bits both sit at the dense accuracy
+    assert gptq.final["eval"]["accuracy"] > rtn.final["eval"]["accuracy"] + 0.01
+    loaded = mp.load(gptq.save(tmp_path / "g"))
+    x = digits.test.tensors[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gptq.model.eval()(x), rtol=0, atol=0)
+    assert gptq.final["bytes"] < 0.2 * gptq.baseline["bytes"]
+
+
+def test_after_pruning_the_mask_holds(mlp, digits):
+    recipe = [
+        {"technique": "prune.magnitude", "sparsity": 0.5},
+        {"technique": "quant.gptq", "bits": 4, "group_size": 16, "act_order": True},
+    ]
+    result = mp.compress(mlp, recipe, data=digits, latency_runs=0)
+    fc1 = result.model.fc1
+    mask = find_parametrization(fc1, "weight", Mask).mask
+    assert torch.all(effective_tensor(fc1)[~mask] == 0) and not mask.all()
+
+
+def test_conv_layers(digits):
+    from modelpress.testing import tiny_convnet
+
+    model = tiny_convnet()
+    ctx = Context(batches=[(digits.train.tensors[0][:64], None)])
+    quantized = apply_gptq(copy.deepcopy(model), GPTQConfig(bits=4, n_samples=64), ctx)
+    assert quantized.conv2.parametrizations.weight[0].bits == 4
+
+
+def test_quantizing_twice_is_refused(mlp, digits):
+    first = mp.compress(mlp, [{"technique": "quant.rtn", "bits": 8}], latency_runs=0).model
+    ctx = Context(batches=[(digits.train.tensors[0][:16], None)])
+    with pytest.raises(UnsupportedModuleError, match="already quantized"):
+        apply_gptq(first, GPTQConfig(bits=4), ctx)
+
+
+def test_grouped_conv_is_refused_before_any_change():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 36, 2))
+    before = copy.deepcopy(model.state_dict())
+    ctx = Context(batches=[torch.randn(4, 4, 8, 8)])
+    with pytest.raises(UnsupportedModuleError, match="0"):
+        apply_gptq(model, GPTQConfig(bits=4), ctx)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
