@@ -95,6 +95,36 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     return torch.linalg.cholesky(inverse, upper=True)
 
 
+def drop_dead_inputs(
+    weight: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 copies of ``weight`` ``(rows, cols)`` and ``H`` with every input that never
+    fired (``H_jj = 0``) set aside: its weight column zeroed and ``H_jj = 1`` (as in SparseGPT
+    and GPTQ), so ``H`` stays invertible."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+@contextmanager
+def hessian_errors(name: str) -> Iterator[None]:
+    """Turn a failed Cholesky factorisation of layer ``name``'s Hessian into a DataError.
+
+    Raises:
+        DataError: the dampened ``H`` is not positive definite.
+    """
+    try:
+        yield
+    except torch.linalg.LinAlgError:
+        raise DataError(
+            f"{name}: the dampened Hessian of its calibration inputs is not positive "
+            "definite; raise 'percdamp' or use more calibration samples."
+        ) from None
+
+
 class ColumnNorms:
     """``||X_j||_2``, the L2 norm of each input column over all rows (Wanda's activation norm)."""
 

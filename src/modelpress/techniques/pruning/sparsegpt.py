@@ -30,10 +30,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modelpress.context import Context
-from modelpress.errors import DataError
 from modelpress.layerwise import (
     Hessian,
     calibrate_layerwise,
+    drop_dead_inputs,
+    hessian_errors,
     input_width,
     inverse_hessian_factor,
     set_weight,
@@ -144,11 +145,7 @@ def sparsegpt_prune(
     Raises:
         torch.linalg.LinAlgError: the dampened ``H`` is not positive definite.
     """
-    w = weight.detach().float().clone()  # (rows, cols)
-    h = hessian.detach().float().clone()  # (cols, cols)
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = drop_dead_inputs(weight, hessian)  # (rows, cols), (cols, cols)
     factor = inverse_hessian_factor(h, percdamp)  # (cols, cols) upper
     prior = torch.zeros_like(w, dtype=torch.bool) if prior is None else prior
     pruned = prior.clone()
@@ -195,7 +192,7 @@ class SparseGPTPruner:
         order = inputs_last_order(weight.shape)
         existing = find_parametrization(module, "weight", Mask)
         prior = None if existing is None else ~existing.mask.flatten(1)[:, order]
-        try:
+        with hessian_errors(name):
             new, keep = sparsegpt_prune(
                 weight.flatten(1)[:, order],
                 stats.matrix[order][:, order],
@@ -205,11 +202,6 @@ class SparseGPTPruner:
                 percdamp=self.cfg.percdamp,
                 prior=prior,
             )
-        except torch.linalg.LinAlgError:
-            raise DataError(
-                f"{name}: the dampened Hessian of its calibration inputs is not positive "
-                "definite; raise 'percdamp' or use more calibration samples."
-            ) from None
         inverse = torch.argsort(order)  # back to (in, *k) column order
         set_weight(module, new[:, inverse].reshape(weight.shape))
         keep = keep[:, inverse].reshape(weight.shape)

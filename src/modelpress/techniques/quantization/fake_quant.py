@@ -16,6 +16,8 @@ from torch import nn
 
 from modelpress.artifact.bitpack import pack_bits, unpack_bits
 from modelpress.artifact.codecs import EncodedValues, register_codec
+from modelpress.errors import UnsupportedModuleError
+from modelpress.parametrizations import find_parametrization
 from modelpress.techniques.quantization.affine import (
     _DTYPES,
     Granularity,
@@ -67,6 +69,20 @@ class AffineFakeQuant(nn.Module):
             scale=self.scale,
             zero_point=self.zero_point,
         )
+
+
+def check_unquantized(selected: list[tuple[str, nn.Module]], owner: str) -> None:
+    """Raise before any change if a selected weight already carries a fake quantizer.
+
+    Raises:
+        UnsupportedModuleError: names the first such module.
+    """
+    for name, module in selected:
+        if find_parametrization(module, "weight", AffineFakeQuant) is not None:
+            raise UnsupportedModuleError(
+                f"{name}: already quantized by an earlier stage; {owner} quantizes a weight "
+                "once (add it to 'ignore')."
+            )
 
 
 @register_codec("affine")

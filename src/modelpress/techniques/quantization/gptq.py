@@ -19,12 +19,13 @@ from pydantic import Field
 from torch import nn
 
 from modelpress.context import Context
-from modelpress.errors import DataError, UnsupportedModuleError
 from modelpress.layerwise import (
     LAYERWISE,
     Hessian,
     calibrate_layerwise,
     check_supported,
+    drop_dead_inputs,
+    hessian_errors,
     input_width,
     inverse_hessian_factor,
     set_weight,
@@ -34,7 +35,7 @@ from modelpress.registry import technique
 from modelpress.targeting import select_weighted
 from modelpress.techniques.pruning.mask import Mask
 from modelpress.techniques.quantization.affine import GroupLayout, qmax
-from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
+from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
 from modelpress.techniques.quantization.rtn import WeightQuantConfig
 
 OWNER = "quant.gptq"
@@ -95,11 +96,7 @@ def gptq_quantize(
     Raises:
         torch.linalg.LinAlgError: the dampened ``H`` is not positive definite.
     """
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = drop_dead_inputs(weight, hessian)
     keep = torch.ones_like(w, dtype=torch.bool) if pruned is None else ~pruned
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(len(h))
     w, h, keep = w[:, order], h[order][:, order], keep[:, order]
@@ -150,7 +147,7 @@ class GPTQQuantizer:
         scale, zero = column_grid(quantizer.layout, quantizer.scale, quantizer.zero_point)
         mask = find_parametrization(module, "weight", Mask)
         pruned = None if mask is None else ~mask.mask.flatten(1)
-        try:
+        with hessian_errors(name):
             new = gptq_quantize(
                 weight.flatten(1),
                 stats.matrix,
@@ -162,11 +159,6 @@ class GPTQQuantizer:
                 act_order=cfg.act_order,
                 pruned=pruned,
             )
-        except torch.linalg.LinAlgError:
-            raise DataError(
-                f"{name}: the dampened Hessian of its calibration inputs is not positive "
-                "definite; raise 'percdamp' or use more calibration samples."
-            ) from None
         set_weight(module, new.reshape(weight.shape))
         add_parametrization(module, "weight", quantizer)
 
@@ -176,12 +168,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> nn.Module:
     """Quantize weights column by column with Hessian error compensation (GPTQ)."""
     selected = select_weighted(model, cfg, owner=OWNER, supported=LAYERWISE)
     check_supported(selected, OWNER)
-    already = [n for n, m in selected if find_parametrization(m, "weight", AffineFakeQuant)]
-    if already:
-        raise UnsupportedModuleError(
-            f"{already[0]}: already quantized by an earlier stage; {OWNER} quantizes a weight "
-            "once (add it to 'ignore')."
-        )
+    check_unquantized(selected, OWNER)
     batches = list(ctx.calibration_batches(cfg.n_samples, cfg.batch_size))
     calibrate_layerwise(model, batches, selected, GPTQQuantizer(cfg), owner=OWNER)
     ctx.report("bits", {n: cfg.bits for n, _ in selected})

@@ -14,11 +14,10 @@ from torch import nn
 
 from modelpress.config import TargetedConfig
 from modelpress.context import Context
-from modelpress.errors import UnsupportedModuleError
-from modelpress.parametrizations import add_parametrization, effective_tensor, find_parametrization
+from modelpress.parametrizations import add_parametrization, effective_tensor
 from modelpress.registry import technique
 from modelpress.targeting import select_weighted
-from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
+from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -60,12 +59,7 @@ class WeightQuantConfig(TargetedConfig):
 def apply_rtn(model: nn.Module, cfg: WeightQuantConfig, ctx: Context) -> nn.Module:
     """Round weights to the nearest point of a min-max affine grid (weight-only)."""
     selected = select_weighted(model, cfg, owner="quant.rtn", supported=QUANTIZABLE)
-    already = [n for n, m in selected if find_parametrization(m, "weight", AffineFakeQuant)]
-    if already:
-        raise UnsupportedModuleError(
-            f"{already[0]}: already quantized by an earlier stage; quant.rtn quantizes a "
-            "weight once (add it to 'ignore')."
-        )
+    check_unquantized(selected, "quant.rtn")
     for _, module in selected:
         quantizer = AffineFakeQuant(
             effective_tensor(module),
