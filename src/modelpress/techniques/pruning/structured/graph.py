@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from modelpress.errors import UnsupportedModuleError
+from modelpress.measure.flops import eval_mode
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS_CHANNEL_FIRST = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -194,11 +195,8 @@ def build_graph(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     """
     gm = trace(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with torch.no_grad():
-        was_training = gm.training
-        gm.eval()
+    with eval_mode(gm), torch.no_grad():  # gm shares its submodules with the model
         ShapeProp(gm).propagate(*args)
-        gm.train(was_training)
     return _Builder(gm).run()
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modelpress.context import Context
-from modelpress.measure.flops import call_model
+from modelpress.measure.flops import call_model, eval_mode
 from modelpress.techniques.pruning.structured.graph import Group
 from modelpress.techniques.pruning.structured.shrink import Plan
 
@@ -153,11 +153,8 @@ def layer_flops(model: nn.Module, ctx: Context) -> dict[str, tuple[float, int, i
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
     ]
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with eval_mode(model), torch.no_grad():
             call_model(model, ctx.example_inputs)
-            model.train(was)
     finally:
         for h in handles:
             h.remove()
