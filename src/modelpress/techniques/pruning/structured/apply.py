@@ -101,8 +101,7 @@ def _check_named_targets(
                 )
 
 
-def _override(cfg: StructuredConfig, model: nn.Module, group: Group) -> float | None:
-    modules = dict(model.named_modules())
+def _override(cfg: StructuredConfig, modules: dict[str, nn.Module], group: Group) -> float | None:
     for sel, s in cfg.layer_sparsity.items():
         if any(matches(sel, m.module, modules[m.module]) for m in group.producers):
             return s
@@ -190,7 +189,8 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
             raise DataError(f"{OWNER} with importance 'taylor' needs labelled data; pass data=...")
         batches = list(islice(ctx.training_batches(cfg.batch_size), cfg.n_batches))
     scores = group_scores(model, chosen, cfg.importance, ctx, batches)
-    fixed = [_override(cfg, model, g) for g in chosen]
+    modules = dict(model.named_modules())
+    fixed = [_override(cfg, modules, g) for g in chosen]
     if cfg.flops_target is not None:
         counts, kept_fraction = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
         ctx.report("flops_kept_predicted", round(kept_fraction, 4))
