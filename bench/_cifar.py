@@ -11,14 +11,12 @@ test set against 92.54% recorded by Distiller. Use them for relative comparisons
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from _common import BenchError
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import modelpress
 
@@ -85,49 +83,3 @@ def load_cifar10_test_jpeg(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]
     with np.load(_require(Path(data_root) / TEST_JPEG)) as data:
         images, labels = data["images"], data["labels"]  # (N, 32, 32, 3) uint8, (N,) int64
     return _to_tensors(images, labels)
-
-
-def load_cifar10_train_jpeg(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 50,000 CIFAR-10 training images, decoded with Pillow from their JPEG bytes (~8 s).
-
-    Args:
-        data_root: The shared data directory (holding ``cifar10/``).
-
-    Returns:
-        ``(x, y)``: float ``(50000, 3, 32, 32)`` in ``[-1, 1]`` and int64 ``(50000,)``.
-
-    Raises:
-        BenchError: ``cifar10/train_jpeg_q75_bytes.npz`` is missing.
-    """
-    from PIL import Image  # installed with matplotlib; only the train file needs it
-
-    with np.load(_require(Path(data_root) / TRAIN_JPEG)) as data:
-        # each data[key] re-reads the zip member, so read every array once
-        buffer, offsets, labels = data["jpeg"], data["offsets"], data["labels"]
-    images = np.empty((len(labels), 32, 32, 3), dtype=np.uint8)  # (N, H, W, C)
-    for i in range(len(labels)):
-        jpeg = buffer[offsets[i] : offsets[i + 1]].tobytes()
-        with Image.open(io.BytesIO(jpeg)) as image:
-            images[i] = np.asarray(image.convert("RGB"))
-    return _to_tensors(images, labels)
-
-
-def cifar10_bundle(data_root: Path) -> modelpress.DataBundle:
-    """CIFAR-10 from the JPEG copies as a ``DataBundle``: 50,000 train, 10,000 test.
-
-    Args:
-        data_root: The shared data directory (holding ``cifar10/``).
-
-    Returns:
-        A bundle with spec ``cifar10-jpeg:<data_root>/cifar10``, input shape ``(3, 32, 32)``
-        and 10 classes.
-
-    Raises:
-        BenchError: One of the two npz files is missing.
-    """
-    root = Path(data_root)
-    _require(root / TEST_JPEG)  # fail before the slow train decoding
-    train = TensorDataset(*load_cifar10_train_jpeg(root))
-    test = TensorDataset(*load_cifar10_test_jpeg(root))
-    spec = f"cifar10-jpeg:{root / 'cifar10'}"
-    return modelpress.DataBundle(spec, train, test, NUM_CLASSES, INPUT_SHAPE)
