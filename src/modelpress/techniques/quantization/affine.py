@@ -12,6 +12,10 @@ Asymmetric: ``lo = min(W, 0)``, ``hi = max(W, 0)``, ``s = (hi - lo) / (2^b - 1)`
 ``z = round(-lo / s)``. Symmetric: ``z = 2^(b-1)``, ``s = max|W| / (2^(b-1) - 1)``.
 Because the range always holds 0 and ``z`` is an integer, 0.0 is exact: pruned weights stay 0.
 Scales are rounded to their storage dtype before use, so stored and in-memory weights agree.
+
+Two optional variations: ``clip_ratio`` shrinks each group's range before the scale is taken
+(AWQ's clipping search), and *float* zero points (HQQ) give codes ``clamp(round(W / s + z),
+0, 2^b - 1)`` with a real-valued ``z`` (then 0.0 is no longer exact in general).
 """
 
 from __future__ import annotations
@@ -79,15 +83,35 @@ class GroupLayout:
         return row * self.groups_per_row + torch.div(col, self.width, rounding_mode="floor")
 
 
+def make_layout(
+    shape: tuple[int, ...], granularity: Granularity, group_size: int | None
+) -> GroupLayout:
+    """The :class:`GroupLayout` of ``shape``; ``group_size`` is kept for ``group`` only (a
+    config may carry a default group size next to another granularity)."""
+    return GroupLayout(shape, granularity, group_size if granularity == "group" else None)
+
+
 def qmax(bits: int) -> int:
     """Largest unsigned code, ``2^bits - 1``."""
     return (1 << bits) - 1
 
 
 def compute_qparams(
-    groups: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str = "float16"
+    groups: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: str = "float16",
+    clip_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scales and zero points for each row of ``groups`` ``(G, width)``.
+
+    Args:
+        groups: ``(G, width)`` values.
+        bits: code width.
+        symmetric: zero point fixed at ``2^(b-1)``.
+        scale_dtype: storage dtype the scales are rounded to.
+        clip_ratio: ``(G,)`` factors in ``(0, 1]`` that shrink each group's range ``[lo, hi]``
+            to ``[r lo, r hi]`` (values outside are clamped by the codes); None keeps it.
 
     Returns:
         ``(scale, zero_point)``, both float32 of shape ``(G,)``; the scale is already rounded
@@ -98,9 +122,13 @@ def compute_qparams(
     if symmetric:
         half = (1 << (bits - 1)) - 1
         scale = groups.abs().amax(dim=1) / half
+        if clip_ratio is not None:
+            scale = scale * clip_ratio
     else:
         lo = groups.amin(dim=1).clamp(max=0)
         hi = groups.amax(dim=1).clamp(min=0)
+        if clip_ratio is not None:
+            lo, hi = lo * clip_ratio, hi * clip_ratio
         scale = (hi - lo) / qmax(bits)
     scale = scale.clamp(min=torch.finfo(dtype).tiny, max=torch.finfo(dtype).max)
     scale = scale.to(dtype).float()
@@ -112,9 +140,16 @@ def compute_qparams(
 
 
 def quantize_codes(
-    groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    float_zero: bool = False,
 ) -> torch.Tensor:
-    """Codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` for ``groups`` ``(G, width)``, as float."""
+    """Codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` for ``groups`` ``(G, width)``, as float;
+    ``clamp(round(x / s + z), 0, 2^b - 1)`` when ``float_zero`` (real-valued ``z``)."""
+    if float_zero:
+        return torch.clamp(torch.round(groups / scale[:, None] + zero[:, None]), 0, qmax(bits))
     return torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, qmax(bits))
 
 
@@ -136,10 +171,34 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def fake_quantize(
-    w: torch.Tensor, layout: GroupLayout, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    w: torch.Tensor,
+    layout: GroupLayout,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    float_zero: bool = False,
 ) -> torch.Tensor:
-    """Quantize then dequantize ``w``; the gradient passes straight through the rounding (STE)."""
+    """Quantize then dequantize ``w``; the gradient passes straight through the rounding (STE).
+
+    ``float_zero`` rounds ``w / s + z`` (a real-valued zero point) instead of ``w / s``.
+    """
     groups = layout.to_groups(w)
     # the same arithmetic as quantize_codes, with a rounding the gradient passes through
-    codes = torch.clamp(_RoundSTE.apply(groups / scale[:, None]) + zero[:, None], 0, qmax(bits))
+    if float_zero:
+        codes = _RoundSTE.apply(groups / scale[:, None] + zero[:, None])
+    else:
+        codes = _RoundSTE.apply(groups / scale[:, None]) + zero[:, None]
+    codes = torch.clamp(codes, 0, qmax(bits))
     return layout.from_groups(dequantize(codes, scale[:, None], zero[:, None])).to(w.dtype)
+
+
+def scale_columns(w: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
+    """``W diag(in_scale)``: column ``j`` of the 2-D view ``(rows, cols)`` of ``w`` times
+    ``in_scale[j]`` (AWQ's per-input-channel scaling), in ``w``'s shape."""
+    return (w.reshape(w.shape[0], -1) * in_scale).reshape(w.shape)
+
+
+def unscale_columns(w: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
+    """``W diag(in_scale)^-1``, the inverse of :func:`scale_columns` (a division, not a
+    multiplication by ``1 / in_scale``, so stored and in-memory weights round alike)."""
+    return (w.reshape(w.shape[0], -1) / in_scale).reshape(w.shape)
