@@ -35,6 +35,11 @@ class InputQuantizer(nn.Module):
         bits: code width (codes ``0 .. 2^bits - 1``).
         dynamic: take the grid from each input's min/max at run time.
         symmetric: static grids only: zero point fixed at ``2^(bits-1)``.
+
+    ``smooth`` (None unless :meth:`add_smoothing` was called) is a per-input-channel buffer
+    ``(channels,)``: SmoothQuant's ``s`` (Xiao et al. 2023); the input becomes ``x / s`` over
+    its last axis before quantizing, while ``enabled`` is False too (the layer's weight holds
+    the matching ``W diag(s)``, so the division is part of the layer, not of the rounding).
     """
 
     def __init__(self, bits: int = 8, *, dynamic: bool, symmetric: bool = False) -> None:
@@ -43,6 +48,11 @@ class InputQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.full((), float(1 << (bits - 1))))
         self.enabled = True  # False while an observer calibrates the layer's inputs
+        self.register_buffer("smooth", None)
+
+    def add_smoothing(self, channels: int) -> None:
+        """Create the ``smooth`` buffer, ``(channels,)`` ones, to be filled by calibration."""
+        self.smooth = torch.ones(channels)
 
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid used for ``x``: stored (static), or from ``x``'s own range (dynamic)."""
@@ -56,7 +66,10 @@ class InputQuantizer(nn.Module):
         return scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the grid; gradients pass straight through the rounding (STE)."""
+        """``x`` (divided by ``smooth``) on the grid; gradients pass straight through the
+        rounding (STE)."""
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)  # (..., channels) / (channels,)
         if not self.enabled:
             return x
         scale, zero = self.qparams(x)
@@ -65,7 +78,8 @@ class InputQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else ("symmetric" if self.symmetric else "static")
-        return f"bits={self.bits}, {kind}"
+        smooth = "" if self.smooth is None else f", smooth={len(self.smooth)}"
+        return f"bits={self.bits}, {kind}{smooth}"
 
 
 def _quantize_first_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -110,10 +124,15 @@ def quantize_inputs(
     bits: int,
     dynamic: bool,
     symmetric: bool = False,
+    quantizer_cls: type[InputQuantizer] | None = None,
+    smooth: dict[str, int] | None = None,
 ) -> dict[str, InputQuantizer]:
     """Attach a fresh :class:`InputQuantizer` to each named module and record the edit.
 
-    Every module is checked before any is changed.
+    Every module is checked before any is changed. ``quantizer_cls`` builds a subclass
+    instead (e.g. LSQ's trained-scale quantizer); the edit replays as a plain one, whose
+    ``scale`` and ``zero_point`` then come from the state dict. ``smooth`` maps module names
+    to their input channels: those quantizers get a ``smooth`` buffer (ones until set).
 
     Returns:
         The quantizers by module name (static ones still hold the placeholder grid ``s = 1``
@@ -127,10 +146,13 @@ def quantize_inputs(
         check_no_input_quantizer(name, modules[name])
     out = {}
     for name in names:
-        out[name] = InputQuantizer(bits, dynamic=dynamic, symmetric=symmetric)
+        out[name] = (quantizer_cls or InputQuantizer)(bits, dynamic=dynamic, symmetric=symmetric)
         attach_input_quantizer(name, modules[name], out[name])
+        if smooth and name in smooth:
+            out[name].add_smoothing(smooth[name])
+    extra = {"smooth": dict(smooth)} if smooth else {}  # recorded only when used
     record_edit(model, "input_quant", modules=names, bits=bits, dynamic=dynamic,
-                symmetric=symmetric)  # fmt: skip
+                symmetric=symmetric, **extra)  # fmt: skip
     return out
 
 
@@ -141,3 +163,5 @@ def _replay_input_quant(model: nn.Module, edit: dict[str, Any]) -> None:
         quantizer = InputQuantizer(edit["bits"], dynamic=edit["dynamic"],
                                    symmetric=edit["symmetric"])  # fmt: skip
         attach_input_quantizer(name, modules[name], quantizer)
+        if name in edit.get("smooth", {}):
+            quantizer.add_smoothing(int(edit["smooth"][name]))
