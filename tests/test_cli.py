@@ -28,7 +28,7 @@ from modelpress.recipe import Recipe, builtin_recipes
 
 runner = CliRunner()
 
-COMMANDS = ["demo", "train", "compress", "inspect", "eval", "techniques", "recipes"]
+COMMANDS = ["demo", "train", "compress", "inspect", "eval", "bench", "techniques", "recipes"]
 ACCURACY = re.compile(r"^accuracy: (\d\.\d{4})", re.MULTILINE)
 
 

@@ -168,6 +168,46 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    path: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    batch_size: Annotated[int, typer.Option(help="Samples per call.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample (token models).")] = 128,
+    threads: Annotated[int, typer.Option(help="Intra-op threads, torch and onnxruntime.")] = 1,
+    runs: Annotated[int, typer.Option(help="Timed calls per row (median reported).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 3,
+    input_shape: Annotated[
+        str | None, typer.Option(help="One sample's shape, e.g. 1,8,8, if not recorded.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Latency of torch fp32 (uncompressed) vs the compressed model on onnxruntime, same run.
+
+    Example: modelpress bench runs/demo --batch-size 8 --runs 50
+    """
+    import json
+
+    from modelpress.errors import ConfigError
+    from modelpress.runtime.bench import bench_artifact, bench_table
+
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(d) for d in input_shape.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"--input-shape must be integers separated by commas (e.g. 1,8,8); got "
+                f"{input_shape!r}."
+            ) from None
+    with err.status(f"exporting {path} to ONNX and timing 4 configurations"):
+        report = bench_artifact(path, batch_size=batch_size, seq_len=seq_len, threads=threads,
+                                runs=runs, warmup=warmup, input_shape=shape)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))  # plain: never wrapped
+    else:
+        out.print(bench_table(report))
+
+
+@app.command()
 def techniques() -> None:
     """List registered techniques with each config field, its default and meaning.
 
