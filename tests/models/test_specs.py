@@ -90,7 +90,13 @@ def test_import_spec_malformed(spec: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "nearest"), [("zooo:lenet5", "zoo"), ("hff:/x", "hf"), ("imports:a:b", "import")]
+    ("spec", "nearest"),
+    [
+        ("zooo:lenet5", "zoo"),
+        ("hff:/x", "hf"),
+        ("ggufs:/x.gguf", "gguf"),
+        ("imports:a:b", "import"),
+    ],
 )
 def test_unknown_scheme_suggests_nearest(spec: str, nearest: str) -> None:
     scheme = spec.partition(":")[0]
@@ -98,7 +104,7 @@ def test_unknown_scheme_suggests_nearest(spec: str, nearest: str) -> None:
         load_model(spec)
     msg = str(info.value)
     assert f"Unknown model spec scheme '{scheme}:' (did you mean '{nearest}'?)" in msg
-    assert "zoo:, hf:, import: or an artifact directory" in msg
+    assert "zoo:, hf:, gguf:, import: or an artifact directory" in msg
     assert isinstance(info.value, ValueError)
 
 

@@ -1,4 +1,5 @@
-"""Model spec strings: ``zoo:NAME``, ``hf:PATH``, ``import:pkg.mod:fn``, or an artifact dir.
+"""Model spec strings: ``zoo:NAME``, ``hf:PATH``, ``gguf:FILE``, ``import:pkg.mod:fn``, or an
+artifact dir.
 
 :func:`load_model` turns a spec into a module tagged with its :class:`ModelSource`;
 :func:`build_from_source` rebuilds a fresh (untrained) instance from a stored source.
@@ -19,6 +20,7 @@ from modelpress.models.zoo import build_zoo_model, zoo_names
 SCHEMES = {
     "zoo": "zoo:NAME — a reference model defined in modelpress (see zoo_names())",
     "hf": "hf:PATH — a local Hugging Face model folder",
+    "gguf": "gguf:FILE — a llama.cpp GGUF file of a Llama model",
     "import": "import:pkg.mod:fn — a function returning an nn.Module (called with kwargs)",
 }
 
@@ -72,6 +74,10 @@ def build_from_source(source: ModelSource) -> nn.Module:
         from modelpress.models.hf import build_hf
 
         model = build_hf(source)
+    elif scheme == "gguf":
+        from modelpress.models.gguf import build_gguf
+
+        model = build_gguf(source)
     elif scheme == "import":
         try:
             model = _import_builder(source.spec)(**source.kwargs)
@@ -88,13 +94,14 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
     """Resolve a model spec into a module tagged with its source.
 
     Args:
-        spec: ``zoo:NAME``, ``hf:PATH``, ``import:pkg.mod:fn`` or an artifact directory.
+        spec: ``zoo:NAME``, ``hf:PATH``, ``gguf:FILE``, ``import:pkg.mod:fn`` or an artifact
+            directory.
         kwargs: build arguments for ``zoo:`` and ``import:`` (e.g. ``input_shape``,
-            ``num_classes``); ignored for ``hf:`` and artifacts.
+            ``num_classes``); ignored for ``hf:``, ``gguf:`` and artifacts.
 
     Returns:
-        The model in eval mode. Artifacts and ``hf:`` folders come with trained weights;
-        ``zoo:`` and ``import:`` models are as their builder returns them.
+        The model in eval mode. Artifacts, ``hf:`` folders and ``gguf:`` files come with
+        trained weights; ``zoo:`` and ``import:`` models are as their builder returns them.
 
     Raises:
         UnknownNameError: an unknown scheme or zoo name (with the nearest suggestion).
@@ -110,6 +117,11 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
 
         model, source = load_hf(rest)
         return tag_source(model, source)
+    if scheme == "gguf" and sep:
+        from modelpress.models.gguf import load_gguf
+
+        model, source = load_gguf(rest)
+        return tag_source(model, source)
     if scheme in ("zoo", "import") and sep:
         return build_from_source(ModelSource(spec, kwargs)).eval()
     if sep and len(scheme) > 1:
@@ -120,5 +132,5 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
         )
     raise ModelError(
         f"{spec!r} is not a model spec or an artifact directory (no manifest.json there); "
-        "use zoo:NAME, hf:PATH, import:pkg.mod:fn or a directory made by modelpress."
+        "use zoo:NAME, hf:PATH, gguf:FILE, import:pkg.mod:fn or a directory made by modelpress."
     )
