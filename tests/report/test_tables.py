@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelpress.report.tables import metrics_table, render, speedup
+from modelpress.report.tables import layer_table, metrics_table, render, speedup
 
 BASE = {"params": 1000, "nonzeros": 1000, "flops": 2000, "bytes": 4000, "latency_ms": 2.0}
 
@@ -21,3 +21,16 @@ def test_table_rows():
     text = render(metrics_table([("baseline", BASE), ("1. prune.magnitude", sparse)]), width=160)
     row = next(line for line in text.splitlines() if "1. prune.magnitude" in line)
     assert "5.0x" in row and "6.40" in row and "none" in row
+
+
+def test_layer_table_shows_bits_per_layer_from_stage_records():
+    stages = [
+        {"technique": "prune.magnitude", "learned": {"sparsity": {"fc1": 0.5, "fc2": 0.25}}},
+        {"technique": "quant.mixed", "learned": {"bits": {"fc1": 3, "fc3": 8}, "budget_bytes": 9}},
+    ]
+    text = render(layer_table(stages), width=160)
+    assert "1. prune.magnitude sparsity" in text and "2. quant.mixed bits" in text
+    cells = [line.replace("│", " ").split() for line in text.splitlines() if "fc" in line]
+    rows = {c[0]: c[1:] for c in cells if c[0].startswith("fc")}
+    assert rows == {"fc1": ["0.5000", "3"], "fc2": ["0.2500", "-"], "fc3": ["-", "8"]}
+    assert layer_table([{"technique": "train", "learned": {"steps": 5}}]) is None

@@ -19,6 +19,27 @@ CASES = {
     "prune.structured": ({"sparsity": 0.25}, 0.9, True, True, ()),
     "quant.rtn": ({"bits": 4, "group_size": 16}, 0.98, True, True, ()),
     "quant.gptq": ({"bits": 4, "group_size": 16, "n_samples": 64}, 0.98, True, True, ()),
+    "quant.cast": ({"dtype": "float16"}, 0.999, True, True, ()),
+    "quant.mixed": (
+        {"ratio": 5, "candidate_bits": [2, 4, 8], "group_size": 16, "n_samples": 64},
+        0.98,
+        True,
+        True,
+        (),
+    ),
+    "quant.awq": ({"bits": 4, "group_size": 16, "n_samples": 64}, 0.98, True, True, ()),
+    "quant.hqq": ({"bits": 4, "group_size": 16}, 0.98, True, True, ()),
+    "quant.qat": (
+        {"method": "lsq", "weight_bits": 4, "activation_bits": 8, "calibration_samples": 64},
+        0.98,
+        True,
+        True,
+        ("train",),
+    ),
+    "quant.binary": ({}, 0.85, True, True, ("train",)),
+    "quant.ternary": ({}, 0.93, True, True, ("train",)),
+    "quant.int8_dynamic": ({}, 0.999, True, True, ()),
+    "quant.int8_static": ({"smoothquant_alpha": 0.5, "n_samples": 64}, 0.999, True, True, ()),
     "train": ({"max_steps": 5, "lr": 1e-4}, 0.98, False, False, ()),
 }
 # the convnet's first conv has one input channel: N:M cannot group it
@@ -43,6 +64,13 @@ def test_every_technique_has_a_contract_case():
             "prune.sparsegpt",
             "quant.rtn",
             "quant.gptq",
+            "quant.cast",
+            "quant.mixed",
+            "quant.hqq",
+            "quant.qat",
+            "quant.binary",
+            "quant.ternary",
+            "quant.int8_static",
         )
     ],
 )

@@ -1,5 +1,5 @@
 """Reports: terminal tables now (HTML with plots arrives with the search issue)."""
 
-from modelpress.report.tables import metrics_table, render
+from modelpress.report.tables import layer_table, metrics_table, render
 
-__all__ = ["metrics_table", "render"]
+__all__ = ["layer_table", "metrics_table", "render"]

@@ -91,3 +91,51 @@ def render(table: Table, width: int = 120) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, no_color=True, highlight=False).print(table)
     return buf.getvalue()
+
+
+PER_LAYER_KEYS = ("bits", "sparsity", "dtype", "bytes")  # flat {layer: value} stage results
+
+
+def layer_table(stages: Sequence[Any], title: str = "per layer") -> Table | None:
+    """One row per layer, one column per stage and per-layer quantity it learned.
+
+    The quantities are the flat ``{layer: value}`` entries of each stage's learned record
+    named in :data:`PER_LAYER_KEYS`: bits (``quant.rtn``, ``quant.gptq``, ``quant.mixed``),
+    sparsity (pruning), dtype (``quant.cast``), bytes (``quant.mixed``). A layer a stage did not
+    touch shows ``-``.
+
+    Args:
+        stages: :class:`~modelpress.result.StageRecord` objects, or the ``stages`` dicts of an
+            artifact manifest (each with ``technique`` and ``learned``).
+        title: the table title.
+
+    Returns:
+        The table, or None when no stage learned anything per layer.
+    """
+    columns: list[tuple[str, dict[str, Any]]] = []
+    for i, stage in enumerate(stages, 1):
+        technique = stage["technique"] if isinstance(stage, dict) else stage.technique
+        learned = stage["learned"] if isinstance(stage, dict) else stage.learned
+        for key in PER_LAYER_KEYS:
+            if isinstance(learned.get(key), dict) and learned[key]:
+                columns.append((f"{i}. {technique} {key}", learned[key]))
+    if not columns:
+        return None
+    layers = list(dict.fromkeys(name for _, values in columns for name in values))
+    table = Table(title=title or None)
+    table.add_column("layer", no_wrap=True)
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for name in layers:
+        table.add_row(name, *(_fmt_value(values.get(name)) for _, values in columns))
+    return table
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
