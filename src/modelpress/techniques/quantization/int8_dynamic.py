@@ -29,13 +29,9 @@ ACTIVATION_QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Selected = list[tuple[str, nn.Module]]
 
 
-class Int8DynamicConfig(TargetedConfig):
-    """int8 weights, activations quantized per tensor at run time."""
+class Int8WeightConfig(TargetedConfig):
+    """The int8 weight grid of quant.int8_dynamic and quant.int8_static."""
 
-    targets: list[str] = Field(
-        default_factory=lambda: ["Linear"],
-        description="Modules to quantize: exact names, type names or 're:' regexes.",
-    )
     weight_granularity: Literal["channel", "tensor"] = Field(
         "channel", description="One weight scale per output channel, or one per tensor."
     )
@@ -43,6 +39,15 @@ class Int8DynamicConfig(TargetedConfig):
         False,
         description="7-bit weights (|q - z| <= 64), so int8 kernels of CPUs without VNNI "
         "cannot saturate and onnxruntime runs its fast int8-weight path.",
+    )
+
+
+class Int8DynamicConfig(Int8WeightConfig):
+    """int8 weights, activations quantized per tensor at run time."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="Modules to quantize: exact names, type names or 're:' regexes.",
     )
 
 

@@ -25,12 +25,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from modelpress.config import TargetedConfig
 from modelpress.context import Batch, Context, forward
 from modelpress.errors import DataError, UnsupportedModuleError
 from modelpress.registry import technique
 from modelpress.techniques.quantization.activation import quantize_inputs
 from modelpress.techniques.quantization.int8_dynamic import (
+    Int8WeightConfig,
     Selected,
     quantize_weights_int8,
     select_for_int8,
@@ -47,7 +47,7 @@ OWNER = "quant.int8_static"
 Watch = Callable[[torch.Tensor], None]
 
 
-class Int8StaticConfig(TargetedConfig):
+class Int8StaticConfig(Int8WeightConfig):
     """W8A8: int8 weights, inputs on a calibrated static 8-bit grid, optional SmoothQuant."""
 
     targets: list[str] = Field(
@@ -68,14 +68,6 @@ class Int8StaticConfig(TargetedConfig):
     )
     symmetric: bool = Field(
         False, description="Symmetric activation grid (int8, zero point 128) instead of uint8."
-    )
-    weight_granularity: Literal["channel", "tensor"] = Field(
-        "channel", description="One weight scale per output channel, or one per tensor."
-    )
-    reduce_range: bool = Field(
-        False,
-        description="7-bit weights (|q - z| <= 64), so int8 kernels of CPUs without VNNI "
-        "cannot saturate and onnxruntime runs its fast int8-weight path.",
     )
     smoothquant_alpha: float | None = Field(
         None, ge=0, le=1, description="SmoothQuant migration strength (e.g. 0.5); null: off."

@@ -31,7 +31,6 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from modelpress.config import TargetedConfig
 from modelpress.context import Context, forward
 from modelpress.errors import DataError
 from modelpress.parametrizations import add_parametrization, effective_tensor
@@ -46,13 +45,14 @@ from modelpress.techniques.quantization.affine import compute_qparams
 from modelpress.techniques.quantization.binary import TRAINABLE
 from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
 from modelpress.techniques.quantization.lsq import LSQInputQuantizer, LSQWeightFakeQuant
+from modelpress.techniques.quantization.rtn import GridConfig
 from modelpress.train import Callback, TrainState
 
 OWNER = "quant.qat"
 Selected = list[tuple[str, nn.Module]]
 
 
-class QATConfig(TargetedConfig):
+class QATConfig(GridConfig):
     """Fake-quantize weights (and layer inputs), train through them next (STE or LSQ)."""
 
     method: Literal["ste", "lsq"] = Field(
@@ -62,32 +62,14 @@ class QATConfig(TargetedConfig):
     activation_bits: int | None = Field(
         None, ge=2, le=8, description="Bits per layer input (None: weights only)."
     )
-    granularity: Literal["tensor", "channel", "group"] = Field(
-        "channel", description="One weight scale per tensor, per output channel, or per group."
-    )
-    group_size: int | None = Field(
-        None, ge=1, description="Inputs per group (setting it implies granularity 'group')."
-    )
     symmetric: bool = Field(True, description="Symmetric weight grid (ste; lsq always is).")
-    scale_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float16", description="Storage dtype of the weight scales."
-    )
     calibration_samples: int = Field(
         256, ge=1, description="Samples that set the activation ranges before training."
     )
     batch_size: int = Field(64, ge=1, description="Calibration samples per forward pass.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _group_size_implies_group(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("group_size") and "granularity" not in data:
-            return {**data, "granularity": "group"}
-        return data
-
     @model_validator(mode="after")
     def _consistent(self) -> QATConfig:
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs 'group_size' (e.g. 32)")
         if self.method == "lsq" and not self.symmetric:
             raise ValueError("lsq learns a symmetric weight grid; drop 'symmetric: false'")
         return self

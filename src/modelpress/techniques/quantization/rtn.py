@@ -22,14 +22,9 @@ from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
-class WeightQuantConfig(TargetedConfig):
-    """Weight quantization grid: bits, granularity, symmetry, scale storage."""
+class GridConfig(TargetedConfig):
+    """The affine weight grid every weight quantizer shares: granularity, symmetry, scales."""
 
-    targets: list[str] = Field(
-        default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"],
-        description="Modules to quantize: exact names, type names or 're:' regexes.",
-    )
-    bits: int = Field(8, ge=2, le=8, description="Bits per weight.")
     granularity: Literal["tensor", "channel", "group"] = Field(
         "channel", description="One scale per tensor, per output channel, or per group."
     )
@@ -49,10 +44,20 @@ class WeightQuantConfig(TargetedConfig):
         return data
 
     @model_validator(mode="after")
-    def _group_needs_size(self) -> WeightQuantConfig:
+    def _group_needs_size(self) -> GridConfig:
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs 'group_size' (e.g. 128)")
         return self
+
+
+class WeightQuantConfig(GridConfig):
+    """Weight quantization: bits on the shared grid."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"],
+        description="Modules to quantize: exact names, type names or 're:' regexes.",
+    )
+    bits: int = Field(8, ge=2, le=8, description="Bits per weight.")
 
 
 @technique("quant.rtn", WeightQuantConfig)

@@ -29,7 +29,6 @@ import torch
 from pydantic import AfterValidator, Field, model_validator
 from torch import nn
 
-from modelpress.config import TargetedConfig
 from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError
 from modelpress.layerwise import LAYERWISE, Hessian, calibrate_layerwise, check_supported
@@ -46,7 +45,7 @@ from modelpress.techniques.quantization.mixed.budget import (
 )
 from modelpress.techniques.quantization.mixed.sensitivity import sensitivity_table
 from modelpress.techniques.quantization.mixed.solver import solve_allocation
-from modelpress.techniques.quantization.rtn import QUANTIZABLE
+from modelpress.techniques.quantization.rtn import QUANTIZABLE, GridConfig
 
 OWNER = "quant.mixed"
 Selected = list[tuple[str, nn.Module]]
@@ -67,7 +66,7 @@ def _widths(value: list[int]) -> list[int]:
 Widths = Annotated[list[int], AfterValidator(_widths)]
 
 
-class MixedConfig(TargetedConfig):
+class MixedConfig(GridConfig):
     """Mixed precision: per-layer bit widths under a byte budget, from per-layer sensitivity."""
 
     targets: list[str] = Field(
@@ -90,31 +89,11 @@ class MixedConfig(TargetedConfig):
     method: Literal["rtn", "gptq"] = Field(
         "rtn", description="Quantize the chosen widths by rounding, or with GPTQ."
     )
-    # the grid of WeightQuantConfig (quant.rtn), without its single 'bits'
-    granularity: Literal["tensor", "channel", "group"] = Field(
-        "channel", description="One scale per tensor, per output channel, or per group."
-    )
-    group_size: int | None = Field(
-        None, ge=1, description="Inputs per group (setting it implies granularity 'group')."
-    )
-    symmetric: bool = Field(False, description="Symmetric grid (zero point fixed at 2^(b-1)).")
-    scale_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float16", description="Storage dtype of the scales."
-    )
     n_samples: int = Field(128, ge=1, description="Calibration samples (sensitivity and GPTQ).")
     batch_size: int = Field(32, ge=1, description="Calibration samples per forward pass.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _group_size_implies_group(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("group_size") and "granularity" not in data:
-            return {**data, "granularity": "group"}
-        return data
-
     @model_validator(mode="after")
     def _consistent(self) -> MixedConfig:
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs 'group_size' (e.g. 128)")
         if (self.budget_bytes is None) == (self.ratio is None):
             raise ValueError("give exactly one of 'budget_bytes' and 'ratio'")
         return self
