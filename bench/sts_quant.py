@@ -131,7 +131,7 @@ ARMS = (
     Arm("int4-awq", "int4 g128 AWQ", "int4", _int4("quant.awq")),
     Arm("int4-hqq", "int4 g128 HQQ", "int4", _int4("quant.hqq")),
     Arm("mixed-6x", "mixed precision, 6× budget", "mixed",
-        (_embedding_stage(4), {"technique": "quant.mixed", "ratio": 6.0, "targets": ["Linear"]})),
+        (_embedding_stage(4), {"technique": "quant.mixed", "ratio": 6.0, "group_size": 128, "targets": ["Linear"]})),
 )  # fmt: skip
 PEERS = ("torch.ao-dynamic", "ort-quantize_dynamic")
 
