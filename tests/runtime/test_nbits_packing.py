@@ -75,10 +75,23 @@ def test_blocked_payloads_dequantize_to_the_weight(bits, group_size, symmetric, 
     assert torch.allclose(got, w.dequantized(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("cols", "group_size", "float_zero"), [(40, None, False), (64, 32, True)])
+def test_groups_split_into_smaller_blocks_dequantize_to_the_weight(cols, group_size, float_zero):
+    w = weight(codes_like(3, cols, 2), group_size, bits=2, float_zero=float_zero)
+    payloads = blocked_payloads(w, 16)
+    assert payloads["scales"].shape == (3, -(-cols // 16))
+    got = dequantize_rows(payloads["packed"], payloads["scales"], payloads["zero_points"],
+                          2, 16, cols)  # fmt: skip
+    assert torch.allclose(got, w.dequantized(), rtol=0, atol=1e-6)
+
+
 def test_block_size_is_the_group_or_one_power_of_two_block_per_row():
     assert block_size("fc", weight(codes_like(2, 40, 4), None)) == 64
     assert block_size("fc", weight(codes_like(2, 10, 4), None)) == 16
     assert block_size("fc", weight(codes_like(2, 64, 4), 32)) == 32
+    assert block_size("fc", weight(codes_like(2, 1000, 4), None), max_block=256) == 256
+    assert block_size("fc", weight(codes_like(2, 1024, 4), 512), max_block=256) == 256
+    assert block_size("fc", weight(codes_like(2, 64, 4), 32), max_block=256) == 32
     for bad in (24, 8):
         with pytest.raises(UnsupportedModuleError, match=f"^fc: group_size {bad} cannot be"):
             block_size("fc", weight(codes_like(2, 64, 4), bad))

@@ -139,6 +139,18 @@ def test_weight_only_linear_runs_matmulnbits(mlp, images, tmp_path, fp32_bytes, 
     assert result.bytes < fp32_bytes / (2.5 if params["bits"] == 8 else 4)
 
 
+@pytest.mark.parametrize("params", [{"bits": 2}, {"bits": 2, "group_size": 512}, {"bits": 4}])
+def test_groups_wider_than_256_are_split_into_matmulnbits_blocks(tmp_path, params):
+    # onnxruntime's 2-bit MatMulNBits refuses blocks over 256: a per-channel grid on 1000
+    # inputs (one 1024 block) or 512-wide groups must export as 256-wide blocks
+    linear = nn.Sequential(nn.Linear(1000, 24))
+    model = compress(linear, "quant.rtn", **params)
+    x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(0))
+    got, expected, result = run_both(model, x, tmp_path / "w.onnx")
+    assert rel_max(got, expected) <= EXACT
+    assert optimized_op_types(result.path)["MatMulNBits"] == 1
+
+
 def test_weight_only_convolutions_dequantize_their_weights(tmp_path, digits):
     model = compress(tiny_convnet(), "quant.rtn", bits=4, targets=["Conv2d"])
     x = digits.test.tensors[0][:64].reshape(-1, 1, 8, 8)

@@ -9,11 +9,14 @@ Code widths: the op takes 2, 4 or 8-bit codes, so 3-bit codes travel in 4-bit co
 5..7-bit codes in 8-bit ones (the values, and so the outputs, are unchanged). A per-channel
 grid is one block per row (``block_size`` = the next power of two >= K); a group-wise grid
 needs its ``group_size`` to be a power of two >= 16, otherwise export raises (it never falls
-back to float silently).
+back to float silently). ``MatMulNBits`` blocks are at most 256 wide (its 2-bit kernel refuses
+more, and its fast kernels for every width stop there): a wider group is split into blocks
+that repeat its scale and zero point, which leaves the weight unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from modelpress.errors import UnsupportedModuleError
 from modelpress.runtime.layers import WeightCodes
 
 MIN_BLOCK = 16
+MAX_MATMUL_BLOCK = 256
 
 
 def container_bits(bits: int) -> int:
@@ -59,38 +63,55 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
 
 
-def block_size(name: str, weight: WeightCodes) -> int:
-    """The op's ``block_size`` for ``weight``: its group size, or one block per row.
+def block_size(name: str, weight: WeightCodes, max_block: int | None = None) -> int:
+    """The op's ``block_size`` for ``weight``: its group size, or one block per row, capped at
+    ``max_block`` (a power of two; wider groups are split, see :func:`blocked_payloads`).
 
     Raises:
         UnsupportedModuleError: a group size that is not a power of two >= 16 (names ``name``).
     """
     cols = weight.codes.shape[1]
     if weight.group_size is None:
-        return max(MIN_BLOCK, 1 << (cols - 1).bit_length())
-    gs = weight.group_size
-    if gs < MIN_BLOCK or gs & (gs - 1):
-        raise UnsupportedModuleError(
-            f"{name}: group_size {gs} cannot be exported to MatMulNBits/GatherBlockQuantized "
-            "(they need a power of two >= 16); quantize with group_size 16, 32, 64 or 128, or "
-            "export with mode='fp32'."
-        )
-    return gs
+        block = max(MIN_BLOCK, 1 << (cols - 1).bit_length())
+    else:
+        block = weight.group_size
+        if block < MIN_BLOCK or block & (block - 1):
+            raise UnsupportedModuleError(
+                f"{name}: group_size {block} cannot be exported to MatMulNBits/GatherBlockQuantized "
+                "(they need a power of two >= 16); quantize with group_size 16, 32, 64 or 128, or "
+                "export with mode='fp32'."
+            )
+    return block if max_block is None else min(block, max_block)
 
 
 def blocked_payloads(weight: WeightCodes, block: int) -> dict[str, torch.Tensor]:
     """MatMulNBits inputs: packed codes ``(rows, k_blocks, blob)``, scales ``(rows, k_blocks)``
     and zero points (see :func:`zero_payload`). The last block is padded with each row's zero
-    code, which dequantizes to 0.
+    code, which dequantizes to 0. A group wider than ``block`` repeats its scale and zero point
+    in each of its blocks.
     """
     rows, cols = weight.codes.shape
     bits = container_bits(weight.bits)
     k_blocks = -(-cols // block)
+    weight = _split_groups(weight, block, k_blocks)
     pad_code = torch.round(weight.zero[:, -1:]).clamp(0, (1 << weight.bits) - 1).long()
     codes = torch.cat([weight.codes, pad_code.expand(rows, k_blocks * block - cols)], dim=1)
     packed = pack_codes(codes.reshape(rows, k_blocks, block), bits)
     return {"packed": packed, "scales": weight.scale.float().contiguous(),
             "zero_points": zero_payload(weight)}  # fmt: skip
+
+
+def _split_groups(weight: WeightCodes, block: int, k_blocks: int) -> WeightCodes:
+    """``weight`` with one scale and zero point per ``block`` columns (groups are a multiple)."""
+    width = weight.group_size or weight.codes.shape[1]
+    if width <= block:
+        return weight
+    per_group = -(-width // block)
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(per_group, dim=1)[:, :k_blocks].contiguous()
+
+    return replace(weight, scale=spread(weight.scale), zero=spread(weight.zero), group_size=block)
 
 
 def zero_payload(weight: WeightCodes) -> torch.Tensor | None:
@@ -165,7 +186,7 @@ class NBitsLinear(nn.Module):
     def __init__(self, name: str, linear: nn.Linear, weight: WeightCodes) -> None:
         super().__init__()
         self.bits, self.k = container_bits(weight.bits), linear.in_features
-        payloads = blocked_payloads(weight, block_size(name, weight))
+        payloads = blocked_payloads(weight, block_size(name, weight, MAX_MATMUL_BLOCK))
         self.register_buffer("packed", payloads["packed"])
         self.register_buffer("scales", payloads["scales"])
         self.register_buffer("zero_points", payloads["zero_points"])
