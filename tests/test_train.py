@@ -92,3 +92,18 @@ def test_unlabelled_data_cannot_train():
     batches = [torch.randn(4, 3)]
     with pytest.raises(DataError, match="training needs labelled batches"):
         train_model(nn.Linear(3, 2), batches, max_steps=1)
+
+
+def test_a_callback_can_replace_the_task_loss_so_unlabelled_data_trains():
+    class MatchZero(Callback):
+        replaces_task_loss = True
+
+        def loss(self, state, batch, outputs, loss):
+            return loss + outputs.pow(2).mean()
+
+    model = nn.Linear(3, 2)
+    batches = [torch.randn(16, 3, generator=torch.Generator().manual_seed(0))]
+    ctx = Context(batches=batches)
+    before = model(batches[0]).pow(2).mean().item()
+    fit(model, TrainConfig(epochs=50, lr=0.05), ctx, [MatchZero()])
+    assert model(batches[0]).pow(2).mean().item() < before / 10

@@ -17,12 +17,14 @@ from torch import nn
 from modelpress.errors import ArtifactError
 
 _ATTR = "_modelpress_edits"
-ReplayFn = Callable[[nn.Module, dict[str, Any]], None]
+ReplayFn = Callable[[nn.Module, dict[str, Any]], "nn.Module | None"]
 _OPS: dict[str, ReplayFn] = {}
 
 
 def edit_op(name: str) -> Callable[[ReplayFn], ReplayFn]:
-    """Register ``replay(model, edit)``, which re-applies an edit of kind ``name`` in place."""
+    """Register ``replay(model, edit)``, which re-applies an edit of kind ``name``: in place
+    (returning None), or by returning the model that replaces ``model`` (a wrapper such as the
+    early-exit model, which then carries the edit log)."""
 
     def register(fn: ReplayFn) -> ReplayFn:
         _OPS[name] = fn
@@ -62,6 +64,20 @@ def replay_edits(model: nn.Module, edits: list[dict[str, Any]]) -> nn.Module:
                 f"artifact records structural edit {edit.get('op')!r}, unknown to this "
                 "modelpress version; upgrade modelpress to load it."
             )
-        fn(model, edit)
+        replaced = fn(model, edit)
+        if replaced is not None and replaced is not model:
+            model = adopt(replaced, model)
         edits_of(model).append(dict(edit))
     return model
+
+
+def adopt(wrapper: nn.Module, model: nn.Module) -> nn.Module:
+    """Give ``wrapper`` (a module that replaces ``model``) its edit log and source tag, so it
+    saves and reloads as ``model`` would, plus its own edit."""
+    from modelpress.models.source import source_of, tag_source
+
+    setattr(wrapper, _ATTR, list(edits_of(model)))
+    source = source_of(model)
+    if source is not None:
+        tag_source(wrapper, source)
+    return wrapper

@@ -61,7 +61,15 @@ class TrainState:
 
 
 class Callback:
-    """Hooks into the training loop; override what you need. All default to doing nothing."""
+    """Hooks into the training loop; override what you need. All default to doing nothing.
+
+    Attributes:
+        replaces_task_loss: when any callback sets it, the task loss (``ctx.loss_fn``) is not
+            computed and :meth:`loss` starts from zero, so unlabeled data can train (e.g.
+            distillation with no hard-label term).
+    """
+
+    replaces_task_loss: bool = False
 
     def on_train_begin(self, state: TrainState) -> None:
         """Before the first step."""
@@ -169,7 +177,10 @@ def _train_step(
     for cb in callbacks:
         cb.on_step_begin(state)
     outputs = forward(state.model, batch)
-    loss = state.ctx.loss_fn(outputs, batch)
+    if any(cb.replaces_task_loss for cb in callbacks):
+        loss = torch.zeros((), requires_grad=True)
+    else:
+        loss = state.ctx.loss_fn(outputs, batch)
     for cb in callbacks:
         loss = cb.loss(state, batch, outputs, loss)
     if not torch.isfinite(loss):

@@ -166,6 +166,39 @@ def test_structural_edits_are_replayed_on_load(tmp_path):
         load_artifact(path)
 
 
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale
+
+
+@edit_op("test.wrap")
+def _wrap(model: nn.Module, edit: dict) -> nn.Module:
+    return _Wrapped(model)
+
+
+def test_an_edit_that_wraps_the_model_is_replayed_with_its_log_and_source(tmp_path):
+    from modelpress.edits import adopt
+    from modelpress.models.source import source_of
+
+    inner = tag_source(nn.Sequential(), ModelSource(f"import:{__name__}:small"))
+    inner.add_module("fc", nn.Linear(3, 7))
+    record_edit(inner, "test.widen", module="fc", width=7)
+    model = adopt(_Wrapped(inner), inner)
+    record_edit(model, "test.wrap")
+    with torch.no_grad():
+        model.scale.fill_(2.0)
+    path = save_artifact(model, tmp_path / "art")
+    loaded = load_artifact(path)
+    assert isinstance(loaded, _Wrapped) and source_of(loaded) == source_of(inner)
+    assert [e["op"] for e in edits_of(loaded)] == ["test.widen", "test.wrap"]
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_same_model_same_bytes(tmp_path):
     a = save_artifact(compressed_convnet(), tmp_path / "a")
     b = save_artifact(compressed_convnet(), tmp_path / "b")

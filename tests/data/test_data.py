@@ -324,3 +324,25 @@ def test_data_names_lists_every_scheme() -> None:
     names = dict(data_names())
     assert set(names) == {"digits", "mnist:DIR", "fashion-mnist:DIR", "npz:FILE"}
     assert all(isinstance(d, str) and d and "\n" not in d for d in names.values())
+
+
+def test_with_validation_carves_a_seeded_disjoint_split_out_of_train():
+    bundle = load_data("digits")
+    split = bundle.with_validation(0.1, seed=3)
+    assert len(split.val) == round(0.1 * len(bundle.train))
+    assert len(split.val) + len(split.train) == len(bundle.train) and bundle.val is None
+    again = bundle.with_validation(0.1, seed=3)
+    assert torch.equal(again.val.tensors[0], split.val.tensors[0])
+    assert not torch.equal(bundle.with_validation(0.1, seed=4).val.tensors[0], split.val.tensors[0])
+    assert split.with_validation(0.5, seed=0) is split
+    assert sum(len(b[0]) for b in split.loader("val", 64)) == len(split.val)
+
+
+def test_validation_split_errors_are_clear():
+    from modelpress.errors import ConfigError
+
+    bundle = load_data("digits")
+    with pytest.raises(ConfigError, match="has no 'val' split; carve one out"):
+        bundle.loader("val", 8)
+    with pytest.raises(ConfigError, match="leaves one side empty"):
+        bundle.with_validation(0.0001, seed=0)

@@ -66,7 +66,7 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None) -> nn.Mod
         source = ModelSource.from_dict(manifest["source"])
         model = build_from_source(source)
         tag_source(model, source)
-    replay_edits(model, manifest.get("edits", []))
+    model = replay_edits(model, manifest.get("edits", []))
     state = decode_state_dict(manifest, root)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
