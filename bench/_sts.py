@@ -214,7 +214,13 @@ class Env:
 
 
 def make_env(
-    data: str | None, seed: int, *, test_pairs: int | None, calib_sentences: int, calib_batch: int
+    data: str | None,
+    seed: int,
+    *,
+    test_pairs: int | None,
+    calib_sentences: int,
+    calib_batch: int,
+    split: str = "test",
 ) -> Env:
     """Read the data and tokenize the calibration and latency batches.
 
@@ -224,6 +230,7 @@ def make_env(
         test_pairs: a seeded subset of the test pairs (None: all 1,379).
         calib_sentences: training sentences to calibrate on.
         calib_batch: sentences per calibration batch (padded to the batch's longest).
+        split: the pairs scored (``test``; ``dev`` for tuning runs).
     """
     import transformers
 
@@ -231,7 +238,7 @@ def make_env(
     folder = model_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     length = max_length(folder)
-    test = read_sts(root, "test")
+    test = read_sts(root, split)
     if test_pairs is not None:
         test = test.subset(test_pairs, seed)
     train = read_sts(root, "train")

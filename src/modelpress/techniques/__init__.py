@@ -1,3 +1,10 @@
 """Every compression family, imported by name so their techniques and codecs register."""
 
-from modelpress.techniques import finetune, pruning, quantization  # noqa: F401
+from modelpress.techniques import (  # noqa: F401
+    architecture,
+    distillation,
+    early_exit,
+    finetune,
+    pruning,
+    quantization,
+)
