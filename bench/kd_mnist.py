@@ -2,17 +2,19 @@
 
 Run from the repository root::
 
-    python bench/kd_mnist.py            # the real benchmark (about 25 min on 1 thread)
+    python bench/kd_mnist.py            # the real benchmark (about 20-25 min on 1 thread)
     python bench/kd_mnist.py --quick    # smoke run: 5,000 images, 1 epoch each, "-quick" files
     python bench/kd_mnist.py --val      # tuning run: the test set is replaced by 5,000
                                         # images held out of the training set, "-val" files
 
 A teacher 784-1200-1200-10 is trained with dropout on inputs jittered by up to 2 pixels; then
 each student — 784-800-800-10 as in the paper, and a much smaller 784-30-10 — is trained twice
-from the same initial weights with the same steps: alone on the hard labels, and with
-``distill.kd`` (T = 20) from the teacher in one ``modelpress.compress`` recipe
-(``distill.kd`` → ``train``). Reported: errors on the 10,000 MNIST test images (never used for
-training or choices), training seconds, parameters. Target: **the 800-800 student with KD
+from the same initial weights with the same steps and no other regularisation: alone on the
+hard labels, and with ``distill.kd`` from the teacher in one ``modelpress.compress`` recipe
+(``distill.kd`` → ``train``) — T = 20 for 800-800 as in the paper, T = 2.5 for the 30-unit
+student (the paper: "temperatures in the range 2.5 to 4 worked significantly better" there).
+Reported: errors on the 10,000 MNIST test images (never used for training or choices),
+training seconds, parameters. Target: **the 800-800 student with KD
 makes <= 70 test errors** (paper: 146 alone, 74 with KD, teacher 67).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import modelpress as mp
 from modelpress.measure import count_params, state_dict_bytes
@@ -54,8 +57,14 @@ TRAIN_THREADS = 1  # results depend on the thread count; fixed and recorded
 TUNING_NOTE = (
     "On a validation split, never on the test set: `python bench/kd_mnist.py --val` trains on "
     "55,000 training images and evaluates on the other 5,000 (results in `kd_mnist-val.md`). "
-    "The small sweep behind the settings is in `bench/README.md`; the test set was used only "
-    "for this report."
+    "The sweep (validation errors of 5,000, one seed each, so +-7 is noise): teacher dropout "
+    "0.5 / 0.25 / 0.1 for 20 epochs gave 63 / 54 / 57 errors before the background fix, "
+    "0.25 gave 47 after it, and 47 again with 40 epochs (so 20). 800-800 students, 12 epochs: "
+    "alone 70, KD 66; 20 epochs: alone 69, KD 61; jittering the students' inputs too (12 "
+    "epochs) gave alone 58, KD 61 (24 epochs: 56), so the students stay unregularised as in the "
+    "paper. 784-30-10, 20 epochs: alone 217; KD at T = 20 / 4 / 2.5: 266 / 235 / 200 (alpha "
+    "0.5 at 2.5: 204), so T = 2.5 for it, inside the paper's 2.5-4 range for 30-unit students. "
+    "The test set was used only for this report."
 )
 
 
@@ -65,7 +74,7 @@ class Settings:
 
     train_samples: int | None = None  # None: all training images
     teacher_hidden: tuple[int, ...] = (1200, 1200)
-    teacher_dropout: float = 0.5
+    teacher_dropout: float = 0.25
     teacher_train: dict[str, Any] = field(
         default_factory=lambda: dict(
             epochs=20, lr=2e-3, optimizer="adam", schedule="cosine", batch_size=256, crop_padding=2
@@ -74,13 +83,13 @@ class Settings:
     students: dict[str, tuple[int, ...]] = field(
         default_factory=lambda: {"800-800": (800, 800), "30": (30,)}
     )
+    temperatures: dict[str, float] = field(default_factory=lambda: {"800-800": 20.0, "30": 2.5})
     # the students: no dropout, no jitter ("regularized solely by ... the soft targets")
     student_train: dict[str, Any] = field(
         default_factory=lambda: dict(
-            epochs=12, lr=1e-3, optimizer="adam", schedule="cosine", batch_size=128
+            epochs=20, lr=1e-3, optimizer="adam", schedule="cosine", batch_size=128
         )
     )
-    temperature: float = 20.0
     alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the hard labels
 
     def quick(self) -> Settings:
@@ -92,23 +101,40 @@ class Settings:
             student_train={**self.student_train, "epochs": 1},
         )
 
-    def kd_recipe(self) -> mp.Recipe:
+    def kd_recipe(self, student: str) -> mp.Recipe:
         """``distill.kd`` (the teacher is ``compress``'s ``teacher=``) → ``train``."""
+        temperature = self.temperatures[student]
         return mp.Recipe(
             stages=(
-                mp.Stage.of("distill.kd", temperature=self.temperature, alpha=self.alpha),
+                mp.Stage.of("distill.kd", temperature=temperature, alpha=self.alpha),
                 mp.Stage.of("train", **self.student_train),
             ),
-            name=f"kd-T{self.temperature:g}",
+            name=f"kd-{student}-T{temperature:g}",
         )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
-    p = base_parser(__doc__, "mnist/", "(nothing written)", "initialisation and training")
+    p = base_parser(__doc__, "mnist/", "(unused: no artifacts)", "initialisation and training")
     p.add_argument("--val", action="store_true", help="tuning run on a validation split carved "
                    "from the training set (test set untouched); writes *-val files")  # fmt: skip
     return p.parse_args(argv)
+
+
+def zero_background(bundle: mp.DataBundle) -> mp.DataBundle:
+    """The bundle with every pixel shifted by ``+0.1307 / 0.3081`` so the background is 0.
+
+    The loader normalises MNIST to ``(x / 255 - 0.1307) / 0.3081`` (background -0.42), and the
+    train config's crop jitter pads with zeros: unshifted, a jittered image gets a grey frame
+    that no test image has (it cost the teacher about 7 of 54 validation errors). A constant
+    shift is otherwise immaterial to an MLP (its first bias absorbs it).
+    """
+    shift = 0.1307 / 0.3081
+    (x, y), (xt, yt) = bundle.train.tensors, bundle.test.tensors
+    return mp.DataBundle(
+        bundle.spec + " (background shifted to 0)", TensorDataset(x + shift, y),
+        TensorDataset(xt + shift, yt), bundle.num_classes, bundle.input_shape,
+    )  # fmt: skip
 
 
 def new_mlp(bundle: mp.DataBundle, hidden: tuple[int, ...], dropout: float, seed: int) -> nn.Module:
@@ -153,15 +179,18 @@ def run_student(
                         seed=seed, latency_runs=0)  # fmt: skip
     rec_alone = scored(alone.model, bundle, time.perf_counter() - start)
     start = time.perf_counter()
-    kd = mp.compress(init, s.kd_recipe(), data=bundle, teacher=teacher, seed=seed, latency_runs=0)
+    kd = mp.compress(
+        init, s.kd_recipe(name), data=bundle, teacher=teacher, seed=seed, latency_runs=0
+    )
     rec_kd = scored(kd.model, bundle, time.perf_counter() - start)
     rec_kd["kd_loss"] = kd.stages[-1].learned.get("kd_loss")
+    rec_kd["temperature"] = s.temperatures[name]
     return {"hidden": list(s.students[name]), "alone": rec_alone, "kd": rec_kd}
 
 
 def gap_closed(alone: int, kd: int, teacher: int) -> float | None:
-    """The fraction of the student-teacher error gap that KD closes."""
-    return (alone - kd) / (alone - teacher) if alone != teacher else None
+    """The fraction of the student-teacher error gap that KD closes (None: no gap)."""
+    return (alone - kd) / (alone - teacher) if alone > teacher else None
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -169,8 +198,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     root = data_dir(args.data, require="mnist")
     torch.set_num_threads(TRAIN_THREADS)
-    bundle = mnist_bundle(root, val=args.val, train_samples=settings.train_samples,
-                          seed=args.seed)  # fmt: skip
+    bundle = zero_background(mnist_bundle(root, val=args.val,
+                             train_samples=settings.train_samples, seed=args.seed))  # fmt: skip
     split = "val" if args.val else "test"
     log(f"data: {bundle.spec}: {len(bundle.train)} train / {len(bundle.test)} evaluation images")
     teacher, t_rec = train_teacher(bundle, settings, args.seed)
@@ -206,7 +235,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
     """The Markdown report: the table, the verdict, how it was run."""
-    s, t = data["settings"], data["teacher"]
+    t = data["teacher"]
     split = "test" if data["evaluation_split"] == "test" else "val"
     n = data["evaluation_images"]
     rows = [["teacher 784-1200-1200-10 (dropout, jitter)", f"{t['test_errors']:,}",
@@ -218,7 +247,7 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         for arm in ("alone", "kd"):
             r = rec[arm]
             label = f"student {arch} " + (
-                "alone" if arm == "alone" else f"+ KD (T = {s['temperature']:g})"
+                "alone" if arm == "alone" else f"+ KD (T = {r['temperature']:g})"
             )
             paper = PAPER.get(f"{name} {arm}", "—")
             closed = f"{gap:.0%}" if arm == "kd" and gap is not None else "—"
@@ -266,12 +295,13 @@ def _explanation(data: dict[str, Any]) -> str:
         f"{tuple(s['teacher_hidden'])}, dropout {s['teacher_dropout']} after each hidden ReLU, "
         f"trained {tt['epochs']} epochs ({tt['optimizer']}, lr {tt['lr']}, {tt['schedule']}, "
         f"batch {tt['batch_size']}) on {data['train_images']:,} images zero-padded by "
-        f"{tt['crop_padding']} pixels and randomly cropped back (jitter of up to 2 pixels). Each "
+        f"{tt['crop_padding']} pixels and randomly cropped back (jitter of up to 2 pixels; every "
+        "pixel is shifted so the background is 0, as the padding is). Each "
         f"student starts from the same seeded weights in both arms and trains {st['epochs']} "
         f"epochs ({st['optimizer']}, lr {st['lr']}, {st['schedule']}, batch {st['batch_size']}) "
         "with no dropout and no jitter: *alone* on the labels (a `train` stage), *+ KD* with "
-        f"the recipe `distill.kd` (temperature {s['temperature']:g}, alpha {s['alpha']}: loss = "
-        f"{s['alpha']} · T² · KL(teacher ‖ student at T) + {1 - s['alpha']:.1f} · cross-entropy) "
+        f"the recipe `distill.kd` (alpha {s['alpha']}: loss = {s['alpha']} · T² · "
+        f"KL(teacher ‖ student at temperature T) + {1 - s['alpha']:.1f} · cross-entropy) "
         "→ the same `train` stage, the teacher passed as `compress(..., teacher=teacher)`. "
         "*train s* is wall time of training (for KD including the teacher's forward passes), "
         "1 torch thread. *gap to teacher closed* = (alone − KD) / (alone − teacher)."

@@ -209,3 +209,24 @@ def test_pairs_of_incompatible_shapes_and_poolings_are_rejected(digits):
     with pytest.raises(UnsupportedModuleError, match="embedding 'cls' pools"):
         apply_hint(student, hint(embedding="cls"), ctx)
     assert ctx.callbacks == []
+
+
+class Silent(nn.Module):
+    """A model with a submodule whose output is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.probe = nn.Module()
+        self.probe.forward = lambda x: None  # returns nothing to capture
+
+    def forward(self, x):
+        self.probe(x)
+        return self.fc(x.flatten(1))
+
+
+def test_a_module_without_tensor_output_is_named(digits):
+    student = Silent()
+    ctx = Context(teacher=Silent(), example_inputs=digits.test.tensors[0][:1])
+    with pytest.raises(UnsupportedModuleError, match="module 'probe' produced no tensor output"):
+        apply_hint(student, hint(pairs={"probe": "fc"}), ctx)

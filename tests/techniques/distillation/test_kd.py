@@ -13,9 +13,10 @@ from torch.utils.data import TensorDataset
 import modelpress as mp
 from modelpress.config import parse_config
 from modelpress.context import Context, forward
-from modelpress.errors import ConfigError, DataError
+from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure import accuracy
 from modelpress.techniques.distillation.kd import KDConfig, apply_kd, kd_loss
+from modelpress.techniques.distillation.teacher import output_tensor, probe_inputs
 from modelpress.train import TrainConfig, fit
 
 
@@ -227,3 +228,11 @@ def test_kd_needs_a_train_stage_after_it_and_valid_values(trained):
     with pytest.raises(ConfigError, match="The 'alpha' parameter of distill.kd must be a float "
                        "in \\(0, 1\\]. Got 1.5 instead."):  # fmt: skip
         parse_config(KDConfig, {"alpha": 1.5}, owner="distill.kd")
+
+
+def test_outputs_without_a_tensor_and_data_without_batches_are_named():
+    with pytest.raises(UnsupportedModuleError, match="distill.kd: the model returns str, which "
+                       "holds no tensor"):  # fmt: skip
+        output_tensor("logits", "distill.kd")
+    with pytest.raises(DataError, match="the training data yields no batches"):
+        probe_inputs(Context(batches=[]))

@@ -32,18 +32,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context
 from modelpress.errors import ConfigError, UnsupportedModuleError
 from modelpress.registry import technique
 from modelpress.techniques.distillation.teacher import (
     DistillCallback,
-    DistillConfig,
     Taps,
     attention_mask_of,
     find_modules,
     probe_inputs,
     resolve_teacher,
     run_frozen,
+    teacher_field,
 )
 from modelpress.techniques.pruning.structured.transformer import attention_groups
 from modelpress.train import TrainState
@@ -52,7 +53,7 @@ OWNER = "distill.attention"
 Relation = Literal["qk", "qq", "kk", "vv"]
 
 
-class AttentionConfig(DistillConfig):
+class AttentionConfig(TechniqueConfig):
     """Transfer last-layer self-attention relations to the student (MiniLM / MiniLMv2)."""
 
     student_layer: str | None = Field(
@@ -68,10 +69,11 @@ class AttentionConfig(DistillConfig):
     relation_heads: int | None = Field(
         None, ge=1, le=1024, description="Relation heads (default: the teacher's head count)."
     )
-    weight: float = Field(1.0, gt=0, le=1e4, description="Weight of the relation loss.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Weight of the relation loss.")
     task_weight: float = Field(
-        1.0, ge=0, le=1e4, description="Weight of the task loss (0: no labels needed)."
+        1.0, ge=0, le=1000, description="Weight of the task loss (0: no labels needed)."
     )
+    teacher: str | None = teacher_field()
 
     @model_validator(mode="after")
     def _relations(self) -> AttentionConfig:
@@ -326,8 +328,9 @@ def _check_lengths(model: nn.Module, teacher: nn.Module, layers: Any, ctx: Conte
 
 @technique(OWNER, AttentionConfig, needs=("later_train",))
 def apply_attention(model: nn.Module, cfg: AttentionConfig, ctx: Context) -> nn.Module:
-    """Transfer the teacher's self-attention relations (MiniLM, Wang et al. 2020/2021) to the
-    model during the next train stage.
+    """Transfer the teacher's self-attention relations (MiniLM) during the next train stage.
+
+    Wang et al. 2020 (attention and value relations) and 2021 (relation heads).
 
     Raises:
         ConfigError: no teacher, relation heads that do not divide a width, or student and

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context
 from modelpress.errors import UnsupportedModuleError
 from modelpress.registry import technique
 from modelpress.techniques.distillation.teacher import (
     DistillCallback,
-    DistillConfig,
     Taps,
     attention_mask_of,
     find_modules,
@@ -40,6 +40,7 @@ from modelpress.techniques.distillation.teacher import (
     probe_inputs,
     resolve_teacher,
     run_frozen,
+    teacher_field,
 )
 from modelpress.train import TrainState
 
@@ -47,20 +48,21 @@ OWNER = "distill.hint"
 EMBEDDING = "embedding"  # the key of the pooled-output term among the pairs
 
 
-class HintConfig(DistillConfig):
+class HintConfig(TechniqueConfig):
     """Match intermediate features (FitNets hints) and/or pooled embeddings to the teacher's."""
 
     pairs: dict[str, str] = Field(
         default_factory=dict, description="Student module name -> teacher module name."
     )
     loss: Literal["mse", "cosine"] = Field("mse", description="Distance: MSE or 1 - cosine.")
-    weight: float = Field(1.0, gt=0, le=1e4, description="Weight of the hint/embedding loss.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Weight of the hint/embedding loss.")
     task_weight: float = Field(
-        1.0, ge=0, le=1e4, description="Weight of the task loss (0: no labels needed)."
+        1.0, ge=0, le=1000, description="Weight of the task loss (0: no labels needed)."
     )
     embedding: Literal["none", "mean", "cls", "output"] = Field(
         "none", description="Also match pooled outputs: none, mean, cls (first token), output."
     )
+    teacher: str | None = teacher_field()
 
     @model_validator(mode="after")
     def _asks_for_something(self) -> HintConfig:
@@ -259,8 +261,9 @@ def _adapters(
 
 @technique(OWNER, HintConfig, needs=("later_train",))
 def apply_hint(model: nn.Module, cfg: HintConfig, ctx: Context) -> nn.Module:
-    """Match named intermediate features (FitNets, Romero et al. 2015) and/or pooled
-    embeddings to the teacher's during the next train stage.
+    """Match named features (FitNets) and/or pooled embeddings to the teacher's during training.
+
+    Romero et al. 2015's hints with learned regressors; embedding distillation for encoders.
 
     Raises:
         ConfigError: no teacher or a teacher spec that cannot be loaded.

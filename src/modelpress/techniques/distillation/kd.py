@@ -21,30 +21,32 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context
 from modelpress.errors import DataError
 from modelpress.registry import technique
 from modelpress.techniques.distillation.teacher import (
     DistillCallback,
-    DistillConfig,
     attention_mask_of,
     check_same_shape,
     output_tensor,
     probe_inputs,
     resolve_teacher,
     run_frozen,
+    teacher_field,
 )
 
 OWNER = "distill.kd"
 
 
-class KDConfig(DistillConfig):
+class KDConfig(TechniqueConfig):
     """Soft-target distillation from the teacher's logits at a temperature (Hinton et al.)."""
 
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T.")
     alpha: float = Field(
         0.9, gt=0, le=1, description="Weight of the soft-target term (1: no labels needed)."
     )
+    teacher: str | None = teacher_field()
 
 
 def kd_loss(
@@ -112,8 +114,7 @@ class KnowledgeDistillation(DistillCallback):
 
 @technique(OWNER, KDConfig, needs=("later_train",))
 def apply_kd(model: nn.Module, cfg: KDConfig, ctx: Context) -> nn.Module:
-    """Distil the teacher's softened logits into the model during the next train stage
-    (Hinton et al. 2015).
+    """Distil the teacher's softened logits (Hinton et al. 2015) during the next train stage.
 
     Raises:
         ConfigError: no teacher, a teacher spec that cannot be loaded, or teacher and student

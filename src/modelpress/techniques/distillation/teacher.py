@@ -18,7 +18,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context, batch_inputs, forward
 from modelpress.errors import (
     ConfigError,
@@ -32,10 +31,9 @@ from modelpress.models import load_model, shape_kwargs, source_of
 from modelpress.train import Callback, TrainState
 
 
-class DistillConfig(TechniqueConfig):
-    """What every distillation config has: the teacher."""
-
-    teacher: str | None = Field(
+def teacher_field() -> Any:
+    """The ``teacher`` field every distillation config ends with (a model spec or None)."""
+    return Field(
         None,
         description="Teacher model spec (hf:PATH, an artifact dir, zoo:/import:); "
         "default: the pipeline's original model.",
