@@ -235,6 +235,11 @@ def main_guard(main: Callable[[list[str] | None], int]) -> None:
     sys.exit(code)
 
 
+def adam(epochs: int, lr: float) -> dict[str, Any]:
+    """``train`` settings the MNIST benchmarks share: Adam, cosine schedule, batch 128."""
+    return dict(epochs=epochs, lr=lr, optimizer="adam", schedule="cosine", batch_size=128)
+
+
 VAL_SIZE, VAL_SPLIT_SEED = 5_000, 20_240_601  # --val: a fixed split, independent of --seed
 
 

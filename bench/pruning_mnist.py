@@ -49,6 +49,7 @@ from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    adam,
     base_parser,
     data_dir,
     error_pct,
@@ -98,10 +99,6 @@ class Net:
     gradual_end_fraction: float = 0.6
 
 
-def _adam(epochs: int, lr: float) -> dict[str, Any]:
-    return dict(epochs=epochs, lr=lr, optimizer="adam", schedule="cosine", batch_size=128)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Every hyperparameter of the benchmark."""
@@ -111,14 +108,14 @@ class Settings:
         default_factory=lambda: {
             "lenet-300-100": Net(
                 spec="zoo:lenet-300-100",
-                baseline=_adam(20, 2e-3),
-                finetune=_adam(15, 2e-3),
+                baseline=adam(20, 2e-3),
+                finetune=adam(15, 2e-3),
                 sparsities=(0.94, 0.92, 0.96),
             ),
             "lenet5": Net(
                 spec="zoo:lenet5",
-                baseline=_adam(6, 1e-3),
-                finetune=_adam(4, 1e-3),
+                baseline=adam(6, 1e-3),
+                finetune=adam(4, 1e-3),
                 sparsities=(0.94,),
             ),
         }

@@ -40,6 +40,7 @@ from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    adam,
     base_parser,
     data_dir,
     error_pct,
@@ -65,10 +66,6 @@ SETTINGS_NOTE = (
     "so were the distillation settings (`distill.kd` defaults: temperature 4, alpha 0.9). "
     "Nothing was chosen on the test set."
 )
-
-
-def _adam(epochs: int, lr: float) -> dict[str, Any]:
-    return dict(epochs=epochs, lr=lr, optimizer="adam", schedule="cosine", batch_size=128)
 
 
 @dataclass(frozen=True)
@@ -102,10 +99,10 @@ class Settings:
                 frequency=self.gradual_frequency,
             ),
             *(kd if distill else []),
-            mp.Stage.of("train", **_adam(*self.prune_finetune)),
+            mp.Stage.of("train", **adam(*self.prune_finetune)),
             mp.Stage.of("quant.rtn", bits=self.bits, granularity="channel"),
             *(kd if distill else []),
-            mp.Stage.of("train", **_adam(*self.quant_finetune)),
+            mp.Stage.of("train", **adam(*self.quant_finetune)),
         ]
         return mp.Recipe(stages=tuple(stages), name="prune-kd-quant" if distill else "prune-quant")
 
@@ -132,7 +129,7 @@ def train_baseline(args: argparse.Namespace, settings: Settings, work: Path) -> 
     bundle = load_bundle(args, settings)
     torch.manual_seed(args.seed)
     model = mp.load_model(SPEC, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    summary = train_model(model, bundle, seed=args.seed, **_adam(*settings.baseline))
+    summary = train_model(model, bundle, seed=args.seed, **adam(*settings.baseline))
     model.eval()
     _acc, err, wrong = error_pct(model, bundle)
     log(f"baseline: {summary['seconds']:.0f} s, error {err:.2f} %")
