@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from modelpress.context import Batch, batch_inputs
 from modelpress.errors import DataError, UnsupportedModuleError
+from modelpress.measure.flops import eval_mode
 
 LAYERWISE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Selected = list[tuple[str, nn.Module]]
@@ -478,15 +479,9 @@ def calibrate_layerwise(
     calls = [_call_of(b) for b in batches]
     if not calls:
         raise DataError(f"{owner}: the calibration data yields no batches.")
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            found = find_blocks(model, selected)
-            if found is not None and _chained(model, found[1], calls[0]):
-                _calibrate_blocks(model, found[1], calls, selected, callback, owner)
-            else:
-                _calibrate_layers(model, calls, selected, callback, owner)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        found = find_blocks(model, selected)
+        if found is not None and _chained(model, found[1], calls[0]):
+            _calibrate_blocks(model, found[1], calls, selected, callback, owner)
+        else:
+            _calibrate_layers(model, calls, selected, callback, owner)

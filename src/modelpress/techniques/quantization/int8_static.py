@@ -27,6 +27,7 @@ from torch import nn
 
 from modelpress.context import Batch, Context, forward
 from modelpress.errors import DataError, UnsupportedModuleError
+from modelpress.measure.flops import eval_mode
 from modelpress.registry import technique
 from modelpress.techniques.quantization.activation import quantize_inputs
 from modelpress.techniques.quantization.int8_dynamic import (
@@ -135,18 +136,14 @@ def watch_inputs(
 
         return hook
 
-    modes = {module: module.training for module in model.modules()}
     handles = [m.register_forward_pre_hook(hook_for(n, fn)) for n, (m, fn) in watchers.items()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     missing = [name for name, count in hits.items() if not count]
     if missing:
         raise UnsupportedModuleError(
