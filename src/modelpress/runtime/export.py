@@ -94,7 +94,7 @@ def export_onnx(
     replacements, kinds = _replacements(model, mode)
     clone = baked_copy(model).eval()
     for name, module in replacements.items():
-        _set_submodule(clone, name, module)
+        clone.set_submodule(name, module)
     if mode == "fp16":
         clone = clone.half()
         tensors = [t.half() if t.is_floating_point() else t for t in tensors]
@@ -199,11 +199,6 @@ def _build(
     if kind == "gather_nbits":
         return NBitsEmbedding(name, module, weight)  # type: ignore[arg-type]
     return QDQLayer(name, module, weight)  # dq_weight
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class _Flat(nn.Module):

@@ -206,7 +206,7 @@ def apply_separable(model: nn.Module, cfg: SeparableConfig, ctx: Context) -> nn.
     pixels = _output_pixels(model, [n for n, _ in chosen], ctx)
     layers = {n: _layer_report(n, c, cfg.multiplier, pixels.get(n)) for n, c in chosen}
     for name, conv in chosen:
-        _replace(model, name, separable_pair(conv, cfg.multiplier))
+        model.set_submodule(name, separable_pair(conv, cfg.multiplier))
     record_edit(model, "separable", layers={n: cfg.multiplier for n, _ in chosen})
     ctx.report("layers", layers)
     if skipped:
@@ -214,13 +214,8 @@ def apply_separable(model: nn.Module, cfg: SeparableConfig, ctx: Context) -> nn.
     return model
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 @edit_op("separable")
 def _replay(model: nn.Module, edit: dict[str, Any]) -> None:
     for name, multiplier in edit["layers"].items():
         conv = model.get_submodule(name)
-        _replace(model, name, DepthwiseSeparable(conv, int(multiplier)))
+        model.set_submodule(name, DepthwiseSeparable(conv, int(multiplier)))
