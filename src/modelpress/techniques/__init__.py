@@ -4,7 +4,10 @@ from modelpress.techniques import (  # noqa: F401
     architecture,
     distillation,
     early_exit,
+    encoding,
     finetune,
+    lowrank,
     pruning,
     quantization,
+    sharing,
 )

@@ -1,0 +1,1 @@
+"""Entropy coding of the artifact's integer payloads (Huffman, ANS) through ``constriction``."""

@@ -1,0 +1,4 @@
+"""Low-rank and tensor factorization: SVD, Tucker-2, CP and tensor-train layers.
+
+:mod:`~modelpress.techniques.lowrank.layer_cost` times a factorized layer against the original.
+"""
