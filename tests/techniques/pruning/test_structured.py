@@ -19,6 +19,7 @@ from modelpress.techniques.pruning.structured.apply import (
     find_groups,
 )
 from modelpress.techniques.pruning.structured.graph import Group, build_graph
+from modelpress.techniques.pruning.structured.importance import taylor_scores
 
 
 class Residual(nn.Module):
@@ -377,6 +378,20 @@ def test_taylor_uses_labelled_batches(digits):
         latency_runs=0,
     )
     assert result.model.fc1.out_features == 64
+
+
+def test_taylor_scores_leave_batch_norm_statistics_and_modes_as_they_were():
+    model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).train()
+    model.layer1[0].bn1.eval()  # a deliberately frozen batch norm stays frozen
+    groups = build_graph(model, torch.randn(2, 3, 32, 32)).groups()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    scores = taylor_scores(model, groups, [batch], Context())
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert modes == {n: m.training for n, m in model.named_modules()}
+    assert all(p.grad is None for p in model.parameters())
+    assert any(s.sum() > 0 for s in scores)
 
 
 def test_taylor_without_data_is_a_clear_error():

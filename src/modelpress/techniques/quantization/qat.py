@@ -33,6 +33,7 @@ from torch import nn
 
 from modelpress.context import Context, forward
 from modelpress.errors import DataError
+from modelpress.measure.flops import eval_mode
 from modelpress.parametrizations import add_parametrization, effective_tensor
 from modelpress.registry import technique
 from modelpress.targeting import select_weighted
@@ -97,14 +98,11 @@ def activation_stats(
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in selected]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 forward(model, batch)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     for name, s in stats.items():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from modelpress.context import Batch, Context, forward
+from modelpress.measure.flops import eval_mode
 from modelpress.techniques.pruning.structured.graph import Group, Member
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
@@ -64,24 +65,23 @@ def taylor_scores(
 ) -> list[torch.Tensor]:
     """Per group, ``mean over batches of (Σ_{w ∈ c} w · ∂L/∂w)²`` for each channel c.
 
-    The model runs in train mode on each batch (gradients only; no weight changes), and its
-    previous mode and gradients are restored.
+    The model runs in eval mode (batch-norm running statistics are used and left untouched,
+    dropout is off, so the scores are deterministic) and only gradients are computed; every
+    submodule's mode and the parameters' gradients are restored.
     """
     modules = dict(model.named_modules())
     totals = [torch.zeros(g.size) for g in groups]
-    was_training = model.training
     saved = {n: p.grad for n, p in model.named_parameters()}
-    model.train()
     count = 0
     try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            ctx.loss_fn(forward(model, batch), batch).backward()
-            for total, group in zip(totals, groups, strict=True):
-                total += _first_order(modules, group) ** 2
-            count += 1
+        with eval_mode(model):
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                ctx.loss_fn(forward(model, batch), batch).backward()
+                for total, group in zip(totals, groups, strict=True):
+                    total += _first_order(modules, group) ** 2
+                count += 1
     finally:
-        model.train(was_training)
         for n, p in model.named_parameters():
             p.grad = saved[n]
     return [t / max(count, 1) for t in totals]
