@@ -3,7 +3,8 @@
 A codec sees the kept values of a tensor as a 1-D float tensor with their flat positions
 (``None`` when every position is kept, in order) and returns either raw payload tensors or
 integer ``codes`` of a fixed bit width plus side payloads (scales, codebooks). Integer codes
-are packed by the tensor codec (bit-packing now; entropy coding plugs in there too). Kept
+are packed by the tensor codec (bit-packed, or entropy-coded when the model carries an
+``encode.*`` mark; see :mod:`~modelpress.artifact.packing`). Kept
 values can include zeros (the ``nm`` layout keeps ``n`` per group even where a group has
 fewer nonzeros), so a codec must give back 0.0 for a stored 0.0.
 

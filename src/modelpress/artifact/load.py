@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from modelpress.artifact.manifest import TENSORS, read_manifest
+from modelpress.artifact.packing import EntropyCoding, set_entropy_coding
 from modelpress.artifact.tensor_codec import decode_tensor
 from modelpress.edits import replay_edits
 from modelpress.errors import ArtifactError
@@ -48,7 +49,8 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None) -> nn.Mod
             source spec); by default the model is rebuilt from the recorded source.
 
     Returns:
-        The model, its outputs equal to the compressed model that was saved.
+        The model, its outputs equal to the compressed model that was saved; an entropy-coded
+        artifact's model keeps its coding mark, so saving it again codes it the same way.
 
     Raises:
         ArtifactError: missing, corrupt or truncated files; a state dict that does not fit.
@@ -67,6 +69,8 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None) -> nn.Mod
         model = build_from_source(source)
         tag_source(model, source)
     model = replay_edits(model, manifest.get("edits", []))
+    coding = manifest.get("entropy")
+    coding = None if coding is None else EntropyCoding.from_dict(coding)
     state = decode_state_dict(manifest, root)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -74,4 +78,5 @@ def load_artifact(path: str | Path, *, model: nn.Module | None = None) -> nn.Mod
             f"{root} does not fit the rebuilt model: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}."
         )
+    set_entropy_coding(model, coding)
     return model.eval()

@@ -5,7 +5,12 @@ An artifact is a directory holding exactly::
     manifest.json          format version, model source, structural edits, one record per
                            tensor (layout, codec, packing), recipe, stages, metrics, and the
                            size and sha256 of every other file
-    tensors.safetensors    every payload: packed codes, indices, scales, raw values
+    tensors.safetensors    every payload: packed codes, indices, scales, raw values, and
+                           entropy-coded streams with their coding tables
+
+An artifact whose integer streams are entropy-coded (``encode.huffman``/``encode.ans``) says so
+with ``"entropy": {"coder": ..., "payloads": ...}`` and format version 2, so a modelpress that
+cannot decode it refuses it by version; every other artifact is written as version 1.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 from modelpress.errors import ArtifactError
 
 FORMAT = "modelpress-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written for artifacts without entropy coding
+ENTROPY_FORMAT_VERSION = 2  # written for entropy-coded artifacts
+READABLE_VERSION = ENTROPY_FORMAT_VERSION  # the newest version this modelpress reads
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -58,10 +65,10 @@ def read_manifest(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} is not a modelpress manifest.")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > READABLE_VERSION:
         raise ArtifactError(
             f"{root} has artifact format version {version!r}; this modelpress reads up to "
-            f"{FORMAT_VERSION}: upgrade modelpress."
+            f"{READABLE_VERSION}: upgrade modelpress."
         )
     if verify:
         verify_files(root, manifest)

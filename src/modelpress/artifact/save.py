@@ -16,6 +16,7 @@ from torch import nn
 from modelpress import __version__
 from modelpress.artifact.codecs import ValueCodec
 from modelpress.artifact.manifest import (
+    ENTROPY_FORMAT_VERSION,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -23,6 +24,7 @@ from modelpress.artifact.manifest import (
     is_artifact,
     sha256_file,
 )
+from modelpress.artifact.packing import entropy_coding_of
 from modelpress.artifact.tensor_codec import encode_tensor
 from modelpress.edits import edits_of
 from modelpress.errors import ArtifactError
@@ -49,9 +51,11 @@ def encode_model(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
     """Tensor records and payloads for every entry of the model's (baked) state dict.
 
     Tensors that share storage (tied weights) are stored once; the others point at it
-    with ``{"alias_of": name}``.
+    with ``{"alias_of": name}``. A model marked by ``encode.huffman``/``encode.ans`` has its
+    integer streams entropy-coded (see :mod:`~modelpress.artifact.packing`).
     """
     codecs = value_codecs(model)
+    coding = entropy_coding_of(model)
     state = effective_state_dict(model)
     records: dict[str, Any] = {}
     payloads: dict[str, torch.Tensor] = {}
@@ -62,7 +66,7 @@ def encode_model(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
             records[name] = {"alias_of": seen[key]}
             continue
         seen[key] = name
-        record, parts = encode_tensor(name, tensor, codecs.get(name))
+        record, parts = encode_tensor(name, tensor, codecs.get(name), coding)
         records[name] = record
         payloads.update(parts)
     return records, payloads
@@ -109,15 +113,19 @@ def save_artifact(
     dest.parent.mkdir(parents=True, exist_ok=True)
     records, payloads = encoded if encoded is not None else encode_model(model)
     source = source or source_of(model)
+    coding = entropy_coding_of(model)
+    version = {"format_version": FORMAT_VERSION if coding is None else ENTROPY_FORMAT_VERSION}
+    entropy = {} if coding is None else {"entropy": coding.to_dict()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         save_file(payloads, str(tmp / TENSORS), metadata={"format": FORMAT})
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            **version,
             "modelpress_version": __version__,
             "source": source.to_dict() if source else None,
             "edits": edits_of(model),
+            **entropy,
             "tensors": records,
             **(extra or {}),
             "files": {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size,

@@ -14,6 +14,11 @@ code per group (see :mod:`~modelpress.artifact.nm_index`) and ``groups * n`` kep
 The layout is chosen per tensor as the smallest of dense, bitmask, delta and nm, counting
 the index bytes plus the kept values' bytes (nm may keep a few zeros, so more than nnz).
 Kept values go to the value codec in ascending flat-position order in every sparse layout.
+
+With an :class:`~modelpress.artifact.packing.EntropyCoding` (``encode.huffman``/``encode.ans``)
+the integer streams — value codes and sparse indices — may be entropy-coded instead: the
+packing record (and a sparse layout's own ``"packing"``) then names the coder, and the
+layout is chosen by true coded size; see :mod:`~modelpress.artifact.packing`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ import torch
 from modelpress.artifact.bitpack import pack_bits, packed_nbytes, unpack_bits
 from modelpress.artifact.codecs import RawCodec, ValueCodec, decoder, dtype_from_name, dtype_name
 from modelpress.artifact.nm_index import NMPattern, decode_nm, encode_nm, find_nm_pattern
+from modelpress.artifact.packing import (
+    EntropyCoding,
+    decode_coded_positions,
+    decode_coded_values,
+    encode_tensor_coded,
+)
 from modelpress.artifact.sparse_index import (
     IndexChoice,
     choose_index_format,
@@ -90,7 +101,10 @@ def _sparse_layout(tensor: torch.Tensor, codec: ValueCodec) -> SparseLayout | No
 
 
 def encode_tensor(
-    name: str, tensor: torch.Tensor, codec: ValueCodec | None = None
+    name: str,
+    tensor: torch.Tensor,
+    codec: ValueCodec | None = None,
+    coding: EntropyCoding | None = None,
 ) -> tuple[Record, dict[str, torch.Tensor]]:
     """Encode ``tensor`` (the effective values the model uses) for the artifact.
 
@@ -98,12 +112,15 @@ def encode_tensor(
         name: the state-dict key; payload keys are ``name/<part>``.
         tensor: the tensor to store, exactly as the compressed model sees it.
         codec: how kept values are stored; default raw at the tensor's own dtype.
+        coding: entropy-code the integer streams where smaller (None: bit-packing only).
 
     Returns:
         The manifest record and the payload tensors to write.
     """
     codec = codec or RawCodec(tensor.dtype)
     tensor = tensor.detach()
+    if coding is not None:
+        return encode_tensor_coded(name, tensor, codec, coding)
     flat = tensor.reshape(-1)
     record: Record = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
     payloads: dict[str, torch.Tensor] = {}
@@ -137,6 +154,8 @@ def _decode_positions(
     fmt = layout.get("format")
     if fmt == "dense":
         return None
+    if "packing" in layout:
+        return _decode_coded_positions(name, layout, shape, index)
     if fmt not in _SPARSE_FORMATS:
         raise ArtifactError(
             f"{name}: unknown layout {fmt!r}; this modelpress reads 'dense', 'bitmask', "
@@ -157,6 +176,35 @@ def _decode_positions(
     return torch.from_numpy(pos)
 
 
+def _decode_coded_positions(
+    name: str, layout: Record, shape: tuple[int, ...], index: torch.Tensor | None
+) -> torch.Tensor:
+    """Kept positions of an entropy-coded sparse index, errors naming the tensor."""
+    if index is None:
+        raise ArtifactError(
+            f"{name}: the coded {layout.get('format')} layout has no index payload."
+        )
+    try:
+        pos = decode_coded_positions(layout, shape, index.numpy())
+    except ArtifactError as exc:
+        raise ArtifactError(f"{name}: {exc}.") from None
+    return torch.from_numpy(pos)
+
+
+def _decode_codes(name: str, packing: Record, count: int, buf: np.ndarray) -> np.ndarray:
+    """The ``count`` integer codes of a packed (bit-packed or entropy-coded) payload."""
+    if int(packing["count"]) != count:
+        raise ArtifactError(f"{name}: {packing['count']} codes stored for {count} values.")
+    if packing.get("kind", "bitpack") != "bitpack":
+        try:
+            return decode_coded_values(buf, packing, count)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{name}: {exc}.") from None
+    if buf.size != packed_nbytes(count, int(packing["bits"])):
+        raise ArtifactError(f"{name}: packed codes have {buf.size} bytes, expected more.")
+    return unpack_bits(buf, int(packing["bits"]), count)
+
+
 def decode_tensor(name: str, record: Record, stored: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rebuild the tensor ``name`` from its ``record`` and the stored payloads.
 
@@ -175,13 +223,7 @@ def decode_tensor(name: str, record: Record, stored: dict[str, torch.Tensor]) ->
     count = numel if positions is None else positions.numel()
     codes = None
     if "packing" in record:
-        packing = record["packing"]
-        if int(packing["count"]) != count:
-            raise ArtifactError(f"{name}: {packing['count']} codes stored for {count} values.")
-        buf = parts.pop("codes").numpy()
-        if buf.size != packed_nbytes(count, int(packing["bits"])):
-            raise ArtifactError(f"{name}: packed codes have {buf.size} bytes, expected more.")
-        codes = unpack_bits(buf, int(packing["bits"]), count)
+        codes = _decode_codes(name, record["packing"], count, parts.pop("codes").numpy())
     values = decoder(codec_meta.pop("name"))(codec_meta, parts, codes, positions, shape)
     if values.numel() != count:
         raise ArtifactError(f"{name}: {values.numel()} values stored, {count} expected.")

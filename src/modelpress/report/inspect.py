@@ -1,4 +1,7 @@
-"""What an artifact holds: per-tensor layout, codec, nonzeros and bytes (``modelpress inspect``)."""
+"""What an artifact holds: per-tensor layout, codec, nonzeros and bytes (``modelpress inspect``),
+and for each integer stream (value codes, sparse index) its symbols, alphabet, empirical
+entropy and coded bits per symbol.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from rich.console import Group, RenderableType
 from rich.table import Table
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from modelpress.artifact.bitpack import unpack_bits
+from modelpress.artifact.entropy import decode_symbols, stream_stats
 from modelpress.artifact.manifest import MANIFEST, TENSORS, read_manifest
 
 
@@ -37,11 +45,12 @@ def _describe_codec(rec: dict[str, Any]) -> str:
 
 def _describe_layout(rec: dict[str, Any]) -> str:
     layout = rec["layout"]
+    coded = f" {layout['packing']['kind']}" if "packing" in layout else ""
     if layout["format"] == "delta":
         return f"delta {layout['bits']}b"
     if layout["format"] == "nm":
-        return f"nm {layout['n']}:{layout['m']} {layout['bits']}b"
-    return layout["format"]
+        return f"nm {layout['n']}:{layout['m']} {layout['bits']}b{coded}"
+    return layout["format"] + coded
 
 
 def _stored_values(layout: dict[str, Any], numel: int) -> int:
@@ -76,7 +85,97 @@ def tensor_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def inspect_table(path: str | Path) -> Table:
+def _index_symbols(layout: dict[str, Any], numel: int, buf: np.ndarray) -> np.ndarray:
+    """The symbols of a plain (not entropy-coded) sparse index: mask bits, delta or nm codes."""
+    if layout["format"] == "bitmask":
+        return np.unpackbits(buf, count=numel, bitorder="little").astype(np.int64)
+    if layout["format"] == "nm":
+        return unpack_bits(buf, layout["bits"], numel // layout["m"])
+    codes = unpack_bits(buf, layout["bits"], buf.size * 8 // layout["bits"])  # delta
+    kept = np.flatnonzero(codes)
+    return codes[: int(kept[layout["nnz"] - 1]) + 1] if layout["nnz"] else codes[:0]
+
+
+def _streams(rec: dict[str, Any], stored: dict[str, Any]) -> list[tuple[str, dict, Any]]:
+    """``(payload, packing record or None, symbols)`` of each integer stream of a tensor."""
+    out = []
+    layout, numel = rec["layout"], math.prod(rec["shape"])
+    if layout["format"] != "dense":
+        buf = stored[rec["payloads"]["index"]].numpy()
+        coded = layout.get("packing")
+        symbols = decode_symbols(buf, coded) if coded else _index_symbols(layout, numel, buf)
+        out.append(("index", coded, symbols))
+    packing = rec.get("packing")
+    if packing is not None:
+        buf = stored[rec["payloads"]["codes"]].numpy()
+        if packing.get("kind", "bitpack") == "bitpack":
+            symbols = unpack_bits(buf, packing["bits"], packing["count"])
+        else:
+            symbols = decode_symbols(buf, packing)
+        out.append(("codes", packing, symbols))
+    return out
+
+
+def entropy_rows(path: str | Path) -> list[dict[str, Any]]:
+    """One dict per integer stream of the artifact (value codes, sparse indices).
+
+    Args:
+        path: the artifact directory.
+
+    Returns:
+        Dicts with ``tensor``, ``stream`` (``codes`` or ``index``), ``coder`` (``huffman``,
+        ``ans`` or ``bitpack``), ``symbols`` (count), ``alphabet`` (distinct symbols),
+        ``entropy_bits`` (empirical entropy H, bits/symbol), ``stream_bits_per_symbol`` (the
+        stored stream alone), ``bits_per_symbol`` (stream + coding table), ``table_bytes``
+        and ``bytes`` (stream + table).
+
+    Raises:
+        ArtifactError: the artifact is missing, corrupt or cannot be decoded.
+    """
+    root = Path(path).expanduser()
+    manifest = read_manifest(root)
+    stored = load_file(str(root / TENSORS))
+    rows = []
+    for name, rec in manifest["tensors"].items():
+        if "alias_of" in rec:
+            continue
+        for stream, packing, symbols in _streams(rec, stored):
+            nbytes = int(stored[rec["payloads"][stream]].numel())
+            coder = (packing or {}).get("kind", "bitpack")
+            table = packing["table"]["bytes"] if coder != "bitpack" else 0
+            stats = stream_stats(symbols, table, nbytes - table, coder)
+            rows.append({"tensor": name, "stream": stream, **stats, "table_bytes": table,
+                         "bytes": nbytes})  # fmt: skip
+    return rows
+
+
+def entropy_table(path: str | Path) -> Table | None:
+    """The per-stream table (coder, symbols, alphabet, entropy, coded bits), or None."""
+    rows = entropy_rows(path)
+    if not rows:
+        return None
+    table = Table(title="integer streams", caption="coded b/sym: stream + coding table")
+    for col, just in [("tensor", "left"), ("stream", "left"), ("coder", "left"),
+                      ("symbols", "right"), ("alphabet", "right"), ("entropy b/sym", "right"),
+                      ("coded b/sym", "right"), ("table B", "right"), ("bytes", "right")]:  # fmt: skip
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["tensor"], r["stream"], r["coder"], f"{r['symbols']:,}",
+                      f"{r['alphabet']:,}", f"{r['entropy_bits']:.3f}",
+                      f"{r['bits_per_symbol']:.3f}", f"{r['table_bytes']:,}",
+                      f"{r['bytes']:,}")  # fmt: skip
+    return table
+
+
+def inspect_table(path: str | Path) -> RenderableType:
+    """What ``modelpress inspect`` prints: :func:`tensor_table`, then :func:`entropy_table`
+    when the artifact has integer streams."""
+    streams = entropy_table(path)
+    main = tensor_table(path)
+    return main if streams is None else Group(main, streams)
+
+
+def tensor_table(path: str | Path) -> Table:
     """The per-tensor table, with the files' bytes in the caption."""
     root = Path(path).expanduser()
     rows = tensor_rows(root)
