@@ -49,11 +49,23 @@ CASES = {
     "early_exit.branches": ({"exits": ["relu1"]}, 0.8, False, False, ("train",)),
     "architecture.shrink": ({"width": 0.75}, 0.9, True, True, ()),
     "architecture.separable": ({"multiplier": 1}, 0.9, True, True, ()),
+    # conv-only: run on the untrained convnet (cosine bound 0.85 there)
+    "lowrank.tucker": ({"rank_ratio": 0.5}, 0.9, True, True, ()),
+    "lowrank.cp": ({"rank_ratio": 0.5}, 0.9, True, True, ()),
+    "lowrank.svd": ({"params_ratio": 0.5}, 0.99, True, True, ()),
+    # rank-16 TT cores fit a trained layer loosely (fit error ~0.55) without retraining
+    "lowrank.tt": ({"max_rank": 16}, 0.9, True, True, ()),
+    # weights unchanged; the float MLP has no integer payload to code (sizes: tests/artifact)
+    "encode.huffman": ({"payloads": "all"}, 0.9999, False, False, ()),
+    "encode.ans": ({"payloads": "all"}, 0.9999, False, False, ()),
+    "share.kmeans": ({"bits": 4}, 0.98, True, True, ()),
+    # a trained layer is poorly fitted by 1/2 as many shared weights until it is retrained
+    "share.hash": ({"compression": 0.5}, 0.5, True, True, ("train",)),
 }
 # the convnet's first conv has one input channel: N:M cannot group it
 CONVNET_EXTRA = {"prune.nm": {"ignore": ["conv1"]}, "prune.gradual": {}}
 # techniques with nothing to act on in the MLP (it has no convolutions): convnet only
-CONVNET_ONLY = {"architecture.separable"}
+CONVNET_ONLY = {"architecture.separable", "lowrank.tucker", "lowrank.cp"}
 # techniques with nothing to act on in the MLP or the convnet (transformer only): own test
 TRANSFORMER_ONLY = {"distill.attention"}
 
@@ -85,6 +97,9 @@ def test_every_technique_has_a_contract_case():
             "quant.int8_static",
             "architecture.shrink",
             "architecture.separable",
+            "lowrank.tucker",
+            "lowrank.cp",
+            "share.kmeans",
         )
     ],
 )

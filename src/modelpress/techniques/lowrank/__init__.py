@@ -2,3 +2,5 @@
 
 :mod:`~modelpress.techniques.lowrank.layer_cost` times a factorized layer against the original.
 """
+
+from modelpress.techniques.lowrank import cp, svd, tt, tucker  # noqa: F401
