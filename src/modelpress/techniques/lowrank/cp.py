@@ -57,31 +57,21 @@ from modelpress.techniques.lowrank.conv_select import (
     require_shapes,
     select_convs,
 )
-from modelpress.techniques.lowrank.rank_rule import RankRuleConfig, round_rank
+from modelpress.techniques.lowrank.rank_rule import ConvRankConfig, round_rank
 
 OWNER = "lowrank.cp"
 
 
-class CPConfig(RankRuleConfig):
+class CPConfig(ConvRankConfig):
     """CP decomposition of Conv2d kernels (Lebedev et al. 2015), fitted by seeded CP-ALS."""
 
     RULES: ClassVar[tuple[str, ...]] = ("rank_ratio", "rank", "params_ratio", "flops_ratio")
     DEFAULT_RULE: ClassVar[tuple[str, float]] = ("rank_ratio", 0.5)
 
-    targets: list[str] = Field(
-        default_factory=lambda: ["Conv2d"],
-        description="Convs to factorize: exact names, type names (Conv2d) or 're:' regexes.",
-    )
     rank_ratio: float | None = Field(
         None, gt=0, le=1, description="Rank as a fraction of the break-even rank (default 0.5)."
     )
     rank: int | None = Field(None, ge=1, le=1_000_000, description="The same rank everywhere.")
-    params_ratio: float | None = Field(
-        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' weights."
-    )
-    flops_ratio: float | None = Field(
-        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' FLOPs."
-    )
     n_iter: int = Field(100, ge=1, le=100_000, description="CP-ALS iterations (tensorly parafac).")
     init: Literal["svd", "random"] = Field(
         "svd", description="CP-ALS start: HOSVD factors (random-padded) or random, both seeded."

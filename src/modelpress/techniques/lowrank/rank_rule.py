@@ -40,6 +40,21 @@ class RankRuleConfig(TargetedConfig):
         return self.DEFAULT_RULE
 
 
+class ConvRankConfig(RankRuleConfig):
+    """The fields ``lowrank.tucker`` and ``lowrank.cp`` share: Conv2d targets and the budgets."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Conv2d"],
+        description="Convs to factorize: exact names, type names (Conv2d) or 're:' regexes.",
+    )
+    params_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' weights."
+    )
+    flops_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' FLOPs."
+    )
+
+
 def round_rank(rank: int, round_to: int, cap: int | None = None) -> int:
     """``rank`` (at least 1) rounded up to a multiple of ``round_to``, at most ``cap``."""
     r = -(-max(rank, 1) // round_to) * round_to

@@ -48,33 +48,23 @@ from modelpress.techniques.lowrank.conv_select import (
     require_shapes,
     select_convs,
 )
-from modelpress.techniques.lowrank.rank_rule import RankRuleConfig, round_rank
+from modelpress.techniques.lowrank.rank_rule import ConvRankConfig, round_rank
 from modelpress.techniques.lowrank.vbmf import evbmf
 
 OWNER = "lowrank.tucker"
 
 
-class TuckerConfig(RankRuleConfig):
+class TuckerConfig(ConvRankConfig):
     """Tucker-2 decomposition of Conv2d kernels (Kim et al. 2016), ranks by VBMF or a budget."""
 
     RULES: ClassVar[tuple[str, ...]] = ("rank", "rank_ratio", "params_ratio", "flops_ratio")
     DEFAULT_RULE: ClassVar[tuple[str, float]] = ("vbmf", 0.0)
 
-    targets: list[str] = Field(
-        default_factory=lambda: ["Conv2d"],
-        description="Convs to factorize: exact names, type names (Conv2d) or 're:' regexes.",
-    )
     rank: int | None = Field(
         None, ge=1, le=65_536, description="Both ranks (capped at the channels); else VBMF."
     )
     rank_ratio: float | None = Field(
         None, gt=0, le=1, description="Ranks as a fraction of C_in and C_out (rounded up)."
-    )
-    params_ratio: float | None = Field(
-        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' weights."
-    )
-    flops_ratio: float | None = Field(
-        None, gt=0, lt=1, description="Budget: keep this fraction of the convs' FLOPs."
     )
     n_iter: int = Field(
         50, ge=1, le=10_000, description="HOOI iterations after the HOSVD start (partial_tucker)."
