@@ -15,7 +15,7 @@ import modelpress as mp
 from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure import count_flops
-from modelpress.techniques.lowrank import conv_select
+from modelpress.techniques.lowrank import layer_cost
 from modelpress.techniques.lowrank.conv_select import ConvGeometry, geometry, relative_error
 from modelpress.techniques.lowrank.layer_cost import LayerCost
 from modelpress.techniques.lowrank.tucker import (
@@ -213,7 +213,7 @@ def test_slower_layers_are_warned_about_and_reported(monkeypatch):
     def slow(original, replacement, input_shape, **_):
         return LayerCost(flops_before=100, flops_after=50, ms_before=1.0, ms_after=2.0)
 
-    monkeypatch.setattr(conv_select, "compare_layer", slow)
+    monkeypatch.setattr(layer_cost, "compare_layer", slow)
     ctx = Context(example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.warns(RuntimeWarning, match=r"lowrank.tucker: .* slower .* conv2 \(0.50x\)"):
         apply_tucker(three_convs(), TuckerConfig(rank_ratio=0.5), ctx)

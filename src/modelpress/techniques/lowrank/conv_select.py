@@ -23,7 +23,7 @@ from modelpress.config import TargetedConfig
 from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.targeting import select_weighted
-from modelpress.techniques.lowrank.layer_cost import LayerCost, compare_layer, warn_slower
+from modelpress.techniques.lowrank.layer_cost import compare_layers
 
 Convs = list[tuple[str, nn.Conv2d]]
 Ranks = tuple[int, ...]
@@ -230,40 +230,39 @@ def param_count(module: nn.Module) -> int:
 
 
 def measure_layers(
+    owner: str,
     pairs: dict[str, tuple[nn.Conv2d, nn.Module]],
     input_shapes: dict[str, tuple[int, ...]],
     fields: dict[str, dict[str, Any]],
-) -> tuple[dict[str, dict[str, Any]], dict[str, LayerCost]]:
+) -> tuple[dict[str, dict[str, Any]], list[str] | None]:
     """Each layer's stage record: its ``fields`` (ranks, fit error), params before/after and,
     where its input shape is known, FLOPs and measured latency
-    (:func:`~.layer_cost.compare_layer`).
+    (:func:`~.layer_cost.compare_layers`, which warns about the slower ones).
 
     Args:
+        owner: the technique, for the warning.
         pairs: ``{name: (original conv, replacement)}``.
         input_shapes: ``{name: input shape}`` on the example inputs (may be empty).
         fields: ``{name: {...}}`` technique-specific entries of each record.
 
     Returns:
-        ``(records, costs)``; ``costs`` only for the layers that were timed.
+        ``(records, slower)``; ``slower`` is None when no layer was timed.
     """
-    records: dict[str, dict[str, Any]] = {}
-    costs: dict[str, LayerCost] = {}
-    for name, (original, replacement) in pairs.items():
-        rec = {**fields[name], "params_before": param_count(original),
-               "params_after": param_count(replacement)}  # fmt: skip
-        if name in input_shapes:
-            costs[name] = compare_layer(original, replacement, tuple(input_shapes[name]))
-            rec |= costs[name].as_record()
-        records[name] = rec
-    return records, costs
+    costs, slower = compare_layers(owner, {n: o for n, (o, _) in pairs.items()},
+                                   {n: r for n, (_, r) in pairs.items()}, input_shapes)  # fmt: skip
+    records = {
+        name: {**fields[name], "params_before": param_count(original),
+               "params_after": param_count(replacement), **costs.get(name, {})}
+        for name, (original, replacement) in pairs.items()
+    }  # fmt: skip
+    return records, slower if costs else None
 
 
-def report_layers(ctx: Context, owner: str, records: dict[str, dict[str, Any]],
-                  costs: dict[str, LayerCost], skipped: dict[str, str]) -> None:  # fmt: skip
-    """Put ``layers``, ``skipped`` and ``slower`` in the stage record; warn
-    (``RuntimeWarning``) about factorized layers measured slower than the original."""
+def report_layers(ctx: Context, records: dict[str, dict[str, Any]], slower: list[str] | None,
+                  skipped: dict[str, str]) -> None:  # fmt: skip
+    """Put ``layers``, ``skipped`` and (when layers were timed) ``slower`` in the stage record."""
     ctx.report("layers", records)
     if skipped:
         ctx.report("skipped", skipped)
-    if costs:
-        ctx.report("slower", warn_slower(owner, costs))
+    if slower is not None:
+        ctx.report("slower", slower)

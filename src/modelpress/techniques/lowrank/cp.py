@@ -310,11 +310,13 @@ def apply_cp(model: nn.Module, cfg: CPConfig, ctx: Context) -> nn.Module:
     fields = {n: {"rank": ranks[n], "fit_error": round(relative_error(c.weight, layers[n].weight), 6),
                   "term_norm_ratio": round(term_norm_ratio(c.weight, layers[n]), 4)}
               for n, c in chosen}  # fmt: skip
-    records, costs = measure_layers({n: (c, layers[n]) for n, c in chosen}, in_shapes, fields)
+    records, slower = measure_layers(
+        OWNER, {n: (c, layers[n]) for n, c in chosen}, in_shapes, fields
+    )
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     record_edit(model, "cp_conv", layers={n: ranks[n] for n in layers})
-    report_layers(ctx, OWNER, records, costs, skipped)
+    report_layers(ctx, records, slower, skipped)
     return model
 
 

@@ -120,3 +120,26 @@ def warn_slower(owner: str, costs: dict[str, LayerCost]) -> list[str]:
             stacklevel=2,
         )
     return slower
+
+
+def compare_layers(
+    owner: str,
+    originals: dict[str, nn.Module],
+    replacements: dict[str, nn.Module],
+    shapes: dict[str, tuple[int, ...]],
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """FLOPs and 1-thread latency of each replaced layer against its original, on its input
+    shape from the example inputs (:func:`~.layer_cost.compare_layer`), and a
+    ``RuntimeWarning`` naming the layers that measured slower (:func:`~.layer_cost.warn_slower`).
+
+    Returns:
+        ``{name: LayerCost.as_record()}`` for the layers with a known input shape, and the
+        names of the slower ones.
+    """
+    costs = {
+        name: compare_layer(originals[name], replacement, shapes[name])
+        for name, replacement in replacements.items()
+        if name in shapes
+    }
+    slower = warn_slower(owner, costs)
+    return {n: c.as_record() for n, c in costs.items()}, slower

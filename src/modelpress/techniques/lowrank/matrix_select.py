@@ -1,6 +1,5 @@
 """What ``lowrank.svd`` and ``lowrank.tt`` share: picking the Linear and Embedding layers to
-factorize (checked before anything changes), their weights as matrices, and the per-layer cost
-report (FLOPs and measured latency through :mod:`~.layer_cost`).
+factorize (checked before anything changes), their weights as matrices.
 
 A weight is seen in the Linear convention, ``(out, in)``: an Embedding of ``num`` rows of width
 ``dim`` is the Linear that maps a one-hot row ``(num,)`` to its embedding, weight ``W.T``
@@ -10,7 +9,6 @@ A weight is seen in the Linear convention, ``(out, in)``: an Embedding of ``num`
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +17,6 @@ from torch.nn.utils import parametrize
 from modelpress.config import TargetedConfig
 from modelpress.errors import UnsupportedModuleError
 from modelpress.targeting import select_weighted
-from modelpress.techniques.lowrank.layer_cost import compare_layer, warn_slower
 
 MATRIX_LAYERS = (nn.Linear, nn.Embedding)
 Selected = list[tuple[str, nn.Linear | nn.Embedding]]
@@ -90,26 +87,3 @@ def input_rows(shapes: dict[str, tuple[int, ...]], name: str, module: nn.Module)
     if shape is None:
         return 1
     return math.prod(shape if isinstance(module, nn.Embedding) else shape[:-1]) or 1
-
-
-def cost_report(
-    owner: str,
-    originals: dict[str, nn.Module],
-    replacements: dict[str, nn.Module],
-    shapes: dict[str, tuple[int, ...]],
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """FLOPs and 1-thread latency of each replaced layer against its original, on its input
-    shape from the example inputs (:func:`~.layer_cost.compare_layer`), and a
-    ``RuntimeWarning`` naming the layers that measured slower (:func:`~.layer_cost.warn_slower`).
-
-    Returns:
-        ``{name: LayerCost.as_record()}`` for the layers with a known input shape, and the
-        names of the slower ones.
-    """
-    costs = {
-        name: compare_layer(originals[name], replacement, shapes[name])
-        for name, replacement in replacements.items()
-        if name in shapes
-    }
-    slower = warn_slower(owner, costs)
-    return {n: c.as_record() for n, c in costs.items()}, slower

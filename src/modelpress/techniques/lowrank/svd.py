@@ -32,11 +32,10 @@ from modelpress.edits import edit_op, record_edit
 from modelpress.errors import ConfigError, UnsupportedModuleError
 from modelpress.layerwise import calibrate_layerwise
 from modelpress.registry import technique
-from modelpress.techniques.lowrank.layer_cost import layer_input_shapes
+from modelpress.techniques.lowrank.layer_cost import compare_layers, layer_input_shapes
 from modelpress.techniques.lowrank.matrix_select import (
     Selected,
     as_matrix,
-    cost_report,
     input_rows,
     matrix_shape,
     select_matrices,
@@ -349,7 +348,7 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> nn.Module:
     modules = dict(layers)
     pairs = {n: low_rank(modules[n], spectra[n], r) for n, r in ranks.items()}
     records = {n: _layer_record(modules[n], spectra[n], r) for n, r in ranks.items()}
-    costs, slower = cost_report(OWNER, modules, pairs, shapes)  # type: ignore[arg-type]
+    costs, slower = compare_layers(OWNER, modules, pairs, shapes)  # type: ignore[arg-type]
     for name, pair in pairs.items():
         model.set_submodule(name, pair)
         records[name] |= costs.get(name, {})

@@ -30,10 +30,9 @@ from modelpress.context import Context
 from modelpress.edits import edit_op, record_edit
 from modelpress.errors import UnsupportedModuleError
 from modelpress.registry import technique
-from modelpress.techniques.lowrank.layer_cost import layer_input_shapes
+from modelpress.techniques.lowrank.layer_cost import compare_layers, layer_input_shapes
 from modelpress.techniques.lowrank.matrix_select import (
     Selected,
-    cost_report,
     select_matrices,
     shared_weights,
 )
@@ -257,7 +256,7 @@ def apply_tt(model: nn.Module, cfg: TTConfig, ctx: Context) -> nn.Module:
     modules = dict(layers)
     shapes = layer_input_shapes(model, list(built), ctx.example_inputs)
     records = {n: _record(modules[n], layer) for n, layer in built.items()}
-    costs, slower = cost_report(OWNER, modules, built, shapes)  # type: ignore[arg-type]
+    costs, slower = compare_layers(OWNER, modules, built, shapes)  # type: ignore[arg-type]
     for name, layer in built.items():
         model.set_submodule(name, layer)
         records[name] |= costs.get(name, {})

@@ -266,11 +266,13 @@ def apply_tucker(model: nn.Module, cfg: TuckerConfig, ctx: Context) -> nn.Module
     fields = {n: {"rank_in": ranks[n][0], "rank_out": ranks[n][1],
                   "fit_error": round(relative_error(c.weight, layers[n].weight), 6)}
               for n, c in chosen}  # fmt: skip
-    records, costs = measure_layers({n: (c, layers[n]) for n, c in chosen}, in_shapes, fields)
+    records, slower = measure_layers(
+        OWNER, {n: (c, layers[n]) for n, c in chosen}, in_shapes, fields
+    )
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     record_edit(model, "tucker2", layers={n: list(ranks[n]) for n in layers})
-    report_layers(ctx, OWNER, records, costs, skipped)
+    report_layers(ctx, records, slower, skipped)
     return model
 
 
