@@ -14,7 +14,7 @@ import modelpress as mp
 from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure import count_flops
-from modelpress.techniques.lowrank.conv_select import geometry, relative_error
+from modelpress.techniques.lowrank.conv_select import geometry
 from modelpress.techniques.lowrank.cp import (
     CPConfig,
     CPConv,
@@ -27,6 +27,7 @@ from modelpress.techniques.lowrank.cp import (
     cp_layer,
     term_norm_ratio,
 )
+from modelpress.techniques.lowrank.layer_cost import relative_error
 from modelpress.testing import tiny_convnet
 
 CONVS = {

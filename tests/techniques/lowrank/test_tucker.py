@@ -16,8 +16,8 @@ from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure import count_flops
 from modelpress.techniques.lowrank import layer_cost
-from modelpress.techniques.lowrank.conv_select import ConvGeometry, geometry, relative_error
-from modelpress.techniques.lowrank.layer_cost import LayerCost
+from modelpress.techniques.lowrank.conv_select import ConvGeometry, geometry
+from modelpress.techniques.lowrank.layer_cost import LayerCost, relative_error
 from modelpress.techniques.lowrank.tucker import (
     Tucker2Conv,
     TuckerConfig,

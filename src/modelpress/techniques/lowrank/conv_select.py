@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -214,14 +213,6 @@ def bisect_budget(
         lo, hi = (mid, hi) if kept(plan_at(mid)) <= ratio else (lo, mid)
     best = plan_at(lo)
     return best, kept(best)
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||W − Ŵ||_F / ||W||_F`` (0 for an all-zero ``W`` reproduced exactly)."""
-    w = weight.detach().double()
-    norm = float(torch.linalg.vector_norm(w))
-    diff = float(torch.linalg.vector_norm(w - approx.detach().double()))
-    return diff / norm if norm > 0 else diff
 
 
 def param_count(module: nn.Module) -> int:

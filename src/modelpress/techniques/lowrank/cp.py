@@ -52,11 +52,11 @@ from modelpress.techniques.lowrank.conv_select import (
     keep_cheaper,
     measure_layers,
     probe,
-    relative_error,
     report_layers,
     require_shapes,
     select_convs,
 )
+from modelpress.techniques.lowrank.layer_cost import relative_error
 from modelpress.techniques.lowrank.rank_rule import ConvRankConfig, round_rank
 
 OWNER = "lowrank.cp"

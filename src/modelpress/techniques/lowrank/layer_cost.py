@@ -47,6 +47,15 @@ class LayerCost:
         return {**asdict(self), "speedup": round(self.speedup, 3)}
 
 
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """The fit error ``||W − Ŵ||_F / ||W||_F`` of a factorized weight (0 for an all-zero ``W``
+    reproduced exactly)."""
+    w = weight.detach().double()
+    norm = float(torch.linalg.vector_norm(w))
+    diff = float(torch.linalg.vector_norm(w - approx.detach().double()))
+    return diff / norm if norm > 0 else diff
+
+
 def layer_input_shapes(
     model: nn.Module, names: Sequence[str], example_inputs: Any
 ) -> dict[str, tuple[int, ...]]:

@@ -30,7 +30,11 @@ from modelpress.context import Context
 from modelpress.edits import edit_op, record_edit
 from modelpress.errors import UnsupportedModuleError
 from modelpress.registry import technique
-from modelpress.techniques.lowrank.layer_cost import compare_layers, layer_input_shapes
+from modelpress.techniques.lowrank.layer_cost import (
+    compare_layers,
+    layer_input_shapes,
+    relative_error,
+)
 from modelpress.techniques.lowrank.matrix_select import (
     Selected,
     select_matrices,
@@ -189,10 +193,7 @@ def tt_layer(
 
 def fit_error(module: nn.Module, layer: TTLinear | TTEmbedding) -> float:
     """``||W - Ŵ||_F / ||W||_F`` of the TT form against the dense weight."""
-    weight = module.weight.detach().double()
-    approx = tt_matrix([c.detach().double() for c in layer.cores])
-    norm = float(weight.norm())
-    return float((weight - approx).norm()) / norm if norm > 0 else 0.0
+    return relative_error(module.weight, tt_matrix([c.detach().double() for c in layer.cores]))
 
 
 def _record(module: nn.Module, layer: nn.Module) -> dict[str, Any]:
