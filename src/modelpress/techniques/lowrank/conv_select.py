@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from modelpress.config import TargetedConfig
 from modelpress.context import Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
+from modelpress.measure.size import count_params
 from modelpress.targeting import select_weighted
 from modelpress.techniques.lowrank.layer_cost import compare_layers
 
@@ -215,11 +216,6 @@ def bisect_budget(
     return best, kept(best)
 
 
-def param_count(module: nn.Module) -> int:
-    """Parameters of ``module`` (bias included)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def measure_layers(
     owner: str,
     pairs: dict[str, tuple[nn.Conv2d, nn.Module]],
@@ -242,8 +238,8 @@ def measure_layers(
     costs, slower = compare_layers(owner, {n: o for n, (o, _) in pairs.items()},
                                    {n: r for n, (_, r) in pairs.items()}, input_shapes)  # fmt: skip
     records = {
-        name: {**fields[name], "params_before": param_count(original),
-               "params_after": param_count(replacement), **costs.get(name, {})}
+        name: {**fields[name], "params_before": count_params(original),
+               "params_after": count_params(replacement), **costs.get(name, {})}
         for name, (original, replacement) in pairs.items()
     }  # fmt: skip
     return records, slower if costs else None
