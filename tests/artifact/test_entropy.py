@@ -15,6 +15,7 @@ from modelpress.artifact.entropy import (
     stream_stats,
     symbol_table,
 )
+from modelpress.artifact.gamma import gamma_encode
 from modelpress.errors import ArtifactError
 
 RNG = np.random.default_rng(0)
@@ -87,9 +88,10 @@ def test_ans_is_within_two_percent_of_the_entropy_on_long_streams(make) -> None:
 def test_the_table_is_integers_only_and_rebuilds_the_same_coder() -> None:
     symbols = np.array([0, 0, 0, 1, 5, 5, 9])
     record, payload = encode_symbols(symbols, "ans", 4)
-    assert record["table"] == {"symbol_bits": 2, "weight_bits": 2, "bytes": 2}
-    # alphabet 0,1,5,9 as gaps 0,0,3,3 at 2 bits, then counts-1 = 2,0,1,0 at 2 bits (LSB first)
-    assert payload[:2].tolist() == [0b11110000, 0b00010010]
+    assert record["table"] == {"bytes": 3}
+    # alphabet 0,1,5,9 as gaps 0,0,3,3: gamma prefixes 1 1 001 001, mantissas 00 00; then
+    # counts-1 = 2,0,1,0: prefixes 01 1 01 1, mantissas 1 0 -- 20 bits, LSB first
+    assert payload[:3].tolist() == [0b10010011, 0b01100000, 0b0111]
     json_types = {type(v) for v in (*record.values(), *record["table"].values())}
     assert json_types <= {int, str, dict}
 
@@ -163,7 +165,7 @@ def test_truncated_or_padded_streams_are_caught(coded, cut: int) -> None:
         ({"bits": 40}, "symbol width 40 is outside 1..32"),
         ({"bits": 2}, "outside 2 bits"),
         ({"alphabet": 10**9}, "bad table"),
-        ({"table": {"symbol_bits": 1, "weight_bits": 1, "bytes": 1}}, "coding table holds"),
+        ({"table": {"bytes": 1}}, "table ends after"),
         ({"crc32": 1}, "crc32"),
     ],
 )
@@ -182,7 +184,9 @@ def test_a_stream_with_more_or_fewer_symbols_is_caught(coded) -> None:
 
 def test_huffman_lengths_that_are_no_complete_code_are_caught() -> None:
     record, payload = encode_symbols(np.array([0, 1, 2, 2]), "huffman", 2)  # lengths 2, 2, 1
-    bad = payload.copy()
-    bad[record["table"]["bytes"] - 1] = 0  # every length 1: 2^-1 * 3 > 1
+    same_alphabet = gamma_encode(np.zeros(3, dtype=np.int64))  # gaps 0, 0, 0
+    every_length_1 = gamma_encode(np.zeros(3, dtype=np.int64))  # 2^-1 * 3 > 1
+    table = np.packbits(np.concatenate([same_alphabet, every_length_1]), bitorder="little")
+    bad = np.concatenate([table, payload[record["table"]["bytes"] :]])
     with pytest.raises(ArtifactError, match="complete prefix code"):
-        decode_symbols(bad, record)
+        decode_symbols(bad, {**record, "table": {"bytes": int(table.size)}})

@@ -6,12 +6,14 @@ distinct symbols present, ascending; the coders see each symbol's rank in it. Th
 the table followed by the coded ranks, and the record holds what decoding needs::
 
     {"kind": "ans", "bits": 5, "count": 23520, "alphabet": 29,
-     "table": {"symbol_bits": 1, "weight_bits": 12, "bytes": 51}, "crc32": 1234567890}
+     "table": {"bytes": 37}, "crc32": 1234567890}
 
-* **table** — the alphabet as gaps ``s_i - s_{i-1} - 1`` (``s_{-1} = -1``) bit-packed at
-  ``symbol_bits``, then one integer per symbol bit-packed at ``weight_bits``: its count minus
-  one (ANS) or its code length minus one (Huffman). Integers only, so every platform rebuilds
-  exactly the same coder.
+* **table** — the alphabet as gaps ``s_i - s_{i-1} - 1`` (``s_{-1} = -1``), then one integer
+  per symbol: its count minus one (ANS) or its code length minus one (Huffman); both arrays
+  Elias-gamma coded (:mod:`~modelpress.artifact.gamma`), so a dense alphabet costs about a bit
+  per symbol and rare symbols' small counts a few bits, and the bits packed least significant
+  first and zero-padded to a byte. Integers only, so every platform rebuilds exactly the same
+  coder.
 * **huffman** — canonical Huffman codes (:mod:`~modelpress.artifact.huffman`), ``H + 1`` bits
   per symbol at most; the record adds ``stream_bits``.
 * **ans** — ``constriction``'s stack ANS coder (Duda 2013, "Asymmetric numeral systems";
@@ -33,7 +35,8 @@ import constriction
 import numpy as np
 
 from modelpress.artifact import huffman
-from modelpress.artifact.bitpack import bits_needed, pack_bits, packed_nbytes, unpack_bits
+from modelpress.artifact.bitpack import packed_nbytes
+from modelpress.artifact.gamma import gamma_decode, gamma_encode
 from modelpress.errors import ArtifactError
 
 __all__ = [
@@ -92,27 +95,24 @@ def _crc(symbols: np.ndarray) -> int:
 
 
 def _pack_table(alphabet: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Record]:
-    """Alphabet gaps and per-symbol weights, bit-packed back to back, and their widths."""
+    """Alphabet gaps then per-symbol weights, Elias-gamma coded into bytes."""
     gaps = np.diff(alphabet, prepend=-1) - 1
-    sb = bits_needed(int(gaps.max())) if gaps.size else 1
-    wb = bits_needed(int(weights.max())) if weights.size else 1
-    table = np.concatenate([pack_bits(gaps, sb), pack_bits(weights, wb)])
-    return table, {"symbol_bits": sb, "weight_bits": wb, "bytes": int(table.size)}
+    bits = np.concatenate([gamma_encode(gaps), gamma_encode(weights)])
+    table = np.packbits(bits, bitorder="little")
+    return table, {"bytes": int(table.size)}
 
 
 def _unpack_table(table: np.ndarray, size: int, meta: Record, bits: int) -> tuple[Any, Any]:
-    """Inverse of :func:`_pack_table`, checking sizes and that symbols fit in ``bits``."""
-    sb, wb, nbytes = (_field(meta, k) for k in ("symbol_bits", "weight_bits", "bytes"))
-    if not (1 <= sb <= 32 and 1 <= wb <= 32):
-        raise ArtifactError(f"coding table field widths {sb}, {wb} are outside 1..32")
-    split = packed_nbytes(size, sb)
-    if nbytes != split + packed_nbytes(size, wb) or table.size != nbytes:
-        raise ArtifactError(
-            f"coding table holds {table.size} bytes, not {nbytes}, for {size} symbols"
-        )
-    gaps, weights = unpack_bits(table[:split], sb, size), unpack_bits(table[split:], wb, size)
-    if not np.array_equal(np.concatenate([pack_bits(gaps, sb), pack_bits(weights, wb)]), table):
-        raise ArtifactError("coding table has padding bits set (corrupt)")
+    """Inverse of :func:`_pack_table`, checking its size, padding and that symbols fit."""
+    nbytes = _field(meta, "bytes")
+    if table.size != nbytes:
+        raise ArtifactError(f"coding table holds {table.size} bytes, not {nbytes}")
+    stream = np.unpackbits(table, bitorder="little")
+    gaps, middle = gamma_decode(stream, 0, size)
+    weights, end = gamma_decode(stream, middle, size)
+    if packed_nbytes(end, 1) != nbytes or stream[end:].any():
+        raise ArtifactError(f"coding table of {nbytes} bytes does not end where its "
+                            f"{size} symbols do (corrupt)")  # fmt: skip
     alphabet = np.cumsum(gaps + 1) - 1
     if alphabet.size and alphabet[-1] >= 1 << bits:
         raise ArtifactError(f"coding table names symbol {int(alphabet[-1])}, outside {bits} bits")
