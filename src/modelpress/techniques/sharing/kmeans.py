@@ -212,7 +212,8 @@ def share_weight(
     Returns:
         The parametrization (zeros get the pruned index ``k``) and the layer's report:
         ``bits``, ``k``, ``clusters_used``, ``kept`` (nonzeros clustered), ``iterations``,
-        ``weight_mse`` (over the kept weights, with the stored codebook) and ``codebook``.
+        ``weight_mse`` (over the kept weights, with the stored codebook). The codebook itself
+        is in the parametrization and the artifact, not repeated in the report.
     """
     flat = weight.detach().reshape(-1)
     kept = flat != 0
@@ -230,7 +231,6 @@ def share_weight(
         "kept": int(kept.sum()),
         "iterations": fit.iterations,
         "weight_mse": float((err**2).mean()),
-        "codebook": [float(v) for v in codebook],
     }
     return shared, record
 
