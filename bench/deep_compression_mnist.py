@@ -87,8 +87,8 @@ class Settings:
 
     nets: dict[str, Net] = field(
         default_factory=lambda: {
-            "lenet-300-100": Net("zoo:lenet-300-100", (20, 2e-3), (15, 2e-3), 0.96,
-                                 {"Linear": 6}, (3, 1e-4)),
+            "lenet-300-100": Net("zoo:lenet-300-100", (20, 2e-3), (20, 2e-3), 0.95,
+                                 {"Linear": 5}, (3, 1e-4)),
             "lenet5": Net("zoo:lenet5", (6, 1e-3), (6, 1e-3), 0.96,
                           {"Conv2d": 8, "Linear": 6}, (3, 1e-4)),
         }
@@ -131,9 +131,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nets", nargs="+", default=["lenet-300-100", "lenet5"],
                    choices=["lenet-300-100", "lenet5"], help="networks to run")  # fmt: skip
     p.add_argument("--sparsity", type=float, default=None, help="override every net's sparsity")
+    p.add_argument("--linear-bits", type=int, default=None,
+                   help="override every net's share.kmeans bits for Linear layers")  # fmt: skip
+    p.add_argument("--prune-epochs", type=int, default=None,
+                   help="override every net's epochs of the prune + fine-tune stage")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                    help="networks in parallel processes (1 thread each)")  # fmt: skip
     return p.parse_args(argv)
+
+
+def overridden(net: Net, args: argparse.Namespace) -> Net:
+    """``net`` with the command line's tuning overrides applied."""
+    if args.sparsity is not None:
+        net = replace(net, sparsity=args.sparsity)
+    if args.linear_bits is not None:
+        net = replace(net, layer_bits=net.layer_bits | {"Linear": args.linear_bits})
+    if args.prune_epochs is not None:
+        net = replace(net, prune_finetune=(args.prune_epochs, net.prune_finetune[1]))
+    return net
 
 
 def load_bundle(args: argparse.Namespace, settings: Settings) -> mp.DataBundle:
@@ -351,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/deep_compression_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
-    if args.sparsity is not None:
-        settings = replace(settings, nets={k: replace(n, sparsity=args.sparsity)
-                                           for k, n in settings.nets.items()})  # fmt: skip
+    settings = replace(settings, nets={k: overridden(n, args) for k, n in settings.nets.items()})
     name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "processes": args.jobs})  # fmt: skip
