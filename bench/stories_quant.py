@@ -79,7 +79,7 @@ class Arm:
 
 def _arm(method: str, bits: int, **extra: Any) -> Arm:
     stage = {"technique": f"quant.{method}", "bits": bits, "group_size": GROUP_SIZE, **extra}
-    key = f"{method}{'-ao' if extra.get('act_order') else ''}-{bits}"
+    key = f"{method}{'-ao' if extra.get('act_order') else ''}{'-seq' if extra.get('sequential') else ''}{'-clip' if extra.get('clip') else ''}-{bits}"
     return Arm(key, method, bits, stage)
 
 
@@ -92,6 +92,9 @@ ARMS = (
             _arm("rtn", bits),
             _arm("gptq", bits),
             _arm("gptq", bits, act_order=True),
+            _arm("gptq", bits, act_order=True, clip=True),
+            _arm("gptq", bits, act_order=True, sequential=True),
+            _arm("gptq", bits, act_order=True, sequential=True, clip=True),
             _arm("awq", bits),
             _arm("hqq", bits),
         )

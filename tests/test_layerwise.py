@@ -211,3 +211,34 @@ def test_a_layer_the_data_never_reaches_is_an_error():
     model.spare = nn.Linear(8, 8)  # registered, never called
     with pytest.raises(UnsupportedModuleError, match=r"^spare: not called when the calibration"):
         calibrate_layerwise(model, [torch.randn(4, 8)], linears(model), Recording(), owner="t")
+
+
+class TwoLayerBlocks(nn.Module):
+    """Blocks of two Linears each: the second reads the first's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_gives_each_layer_the_inputs_of_the_processed_layers_before_it(sequential):
+    torch.manual_seed(0)
+    model, x = TwoLayerBlocks(), torch.randn(16, 8)
+    first = model.blocks[0][0]
+    dense_out = torch.relu(first(x)).detach()
+    rec = Recording()
+    calibrate_layerwise(model, [x], linears(model), rec, owner="test", sequential=sequential)
+    assert rec.order == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
+    with torch.no_grad():
+        pruned_out = torch.relu(first(x))  # the first layer is pruned to 50 % by now
+    seen = rec.inputs["blocks.0.2"]
+    torch.testing.assert_close(seen, pruned_out if sequential else dense_out)
+    assert not torch.allclose(pruned_out, dense_out)

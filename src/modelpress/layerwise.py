@@ -405,17 +405,22 @@ def _never_called(recorder: _Recorder) -> None:
 
 
 def _calibrate_layers(
-    runner: nn.Module, calls: list[_Call], layers: Selected, callback: LayerCallback, owner: str
+    runner: nn.Module,
+    calls: list[_Call],
+    layers: Selected,
+    callback: LayerCallback,
+    owner: str,
+    sequential: bool = False,
 ) -> None:
     """Accumulate the layers' statistics over ``runner(call)`` for every call, then process
-    each layer in order."""
-    if not layers:
-        return
-    with _Recorder(layers, callback, owner) as recorder:
-        recorder.run(runner, calls)
-    _never_called(recorder)
-    for name, module in layers:
-        callback.process(name, module, recorder.stats[name])
+    each layer in order; ``sequential``: one pass per layer, so each layer's statistics see
+    the layers processed before it."""
+    for group in [[layer] for layer in layers] if sequential else [layers] if layers else []:
+        with _Recorder(group, callback, owner) as recorder:
+            recorder.run(runner, calls)
+        _never_called(recorder)
+        for name, module in group:
+            callback.process(name, module, recorder.stats[name])
 
 
 def _inside(block: nn.Module, selected: Selected) -> Selected:
@@ -430,6 +435,7 @@ def _calibrate_blocks(
     selected: Selected,
     callback: LayerCallback,
     owner: str,
+    sequential: bool,
 ) -> None:
     per_block = [_inside(block, selected) for block in blocks]
     inside = {name for layers in per_block for name, _ in layers}
@@ -443,11 +449,11 @@ def _calibrate_blocks(
             callback.process(name, module, recorder.stats[name])
         block_calls = _capture(model, blocks[0], calls)  # the first block's inputs changed
     for i, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
-        _calibrate_layers(block, block_calls, layers, callback, owner)
+        _calibrate_layers(block, block_calls, layers, callback, owner, sequential)
         if i + 1 < len(blocks):
             block_calls = [_with_hidden(c, _first(_run(block, c))) for c in block_calls]
     late = [(n, m) for n, m in outside if not recorder.hits[n]]
-    _calibrate_layers(model, calls, late, callback, owner)
+    _calibrate_layers(model, calls, late, callback, owner, sequential)
 
 
 def calibrate_layerwise(
@@ -457,6 +463,7 @@ def calibrate_layerwise(
     callback: LayerCallback,
     *,
     owner: str,
+    sequential: bool = False,
 ) -> None:
     """Process every selected layer from statistics of its inputs, block by block.
 
@@ -471,6 +478,9 @@ def calibrate_layerwise(
             model order (see :func:`check_supported`).
         callback: makes each layer's statistics and processes the layer.
         owner: the technique name, for messages.
+        sequential: inside a block, re-run it before each layer, so a layer's statistics
+            come from the layers before it already processed (GPTQ's "true sequential" for
+            Llama): one pass per layer instead of one per block.
 
     Raises:
         DataError: no batches, or NaN/inf in the activations reaching a selected layer.
@@ -482,6 +492,6 @@ def calibrate_layerwise(
     with eval_mode(model), torch.no_grad():
         found = find_blocks(model, selected)
         if found is not None and _chained(model, found[1], calls[0]):
-            _calibrate_blocks(model, found[1], calls, selected, callback, owner)
+            _calibrate_blocks(model, found[1], calls, selected, callback, owner, sequential)
         else:
-            _calibrate_layers(model, calls, selected, callback, owner)
+            _calibrate_layers(model, calls, selected, callback, owner, sequential)

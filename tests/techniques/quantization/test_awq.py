@@ -19,11 +19,13 @@ from modelpress.techniques.quantization.awq import (
     AWQConfig,
     apply_awq,
     awq_scales,
+    search_scale,
+)
+from modelpress.techniques.quantization.clip_search import (
     grid_weight,
     group_errors,
     output_error,
     search_clip,
-    search_scale,
 )
 from modelpress.techniques.quantization.fake_quant import AffineFakeQuant
 
@@ -55,7 +57,7 @@ def test_awq_output_error_is_far_below_rtn_on_salient_channels(bits, grid):
     cfg = AWQConfig(bits=bits, **grid)
     layout = make_layout(tuple(w.shape), cfg.granularity, cfg.group_size)
     in_scale, alpha = search_scale(w, stats.hessian.matrix, stats.abs_mean, layout, cfg)
-    ratio = search_clip(w, stats.hessian.matrix, in_scale, layout, cfg)
+    ratio = search_clip(w, stats.hessian.matrix, in_scale, layout, cfg, cfg.n_grid, cfg.max_shrink)
     err = {
         "rtn": (x @ (w - grid_weight(w, layout, cfg)).T).norm(),
         "scaled": (x @ (w - grid_weight(w, layout, cfg, in_scale)).T).norm(),

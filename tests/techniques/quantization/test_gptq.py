@@ -54,6 +54,26 @@ def test_gptq_reconstructs_better_than_rtn(bits, group_size, act_order):
     assert torch.equal(_rtn(q, s, z, bits), q)  # on the grid: quantizing again changes nothing
 
 
+def _output_error(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((model(x) - dense(x)) ** 2).mean())
+
+
+def test_clip_search_lowers_the_output_error_of_heavy_tailed_weights():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    with torch.no_grad():  # a few outliers stretch the min-max ranges
+        for layer in (dense[0], dense[2]):
+            layer.weight.copy_(torch.distributions.StudentT(2.0).sample(layer.weight.shape) / 8)
+    x = _correlated_inputs(512, 64)
+    ctx = Context(batches=[(x[:256], None), (x[256:], None)])
+    errors = {}
+    for clip in (False, True):
+        cfg = GPTQConfig(bits=3, group_size=16, n_samples=512, clip=clip)
+        errors[clip] = _output_error(apply_gptq(copy.deepcopy(dense), cfg, ctx), dense, x)
+    assert errors[True] < 0.97 * errors[False]  # measured 0.94
+
+
 def test_pruned_weights_stay_zero():
     w = torch.randn(8, 32)
     pruned = torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) < 0.5

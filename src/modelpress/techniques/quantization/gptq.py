@@ -34,7 +34,13 @@ from modelpress.parametrizations import add_parametrization, effective_tensor, f
 from modelpress.registry import technique
 from modelpress.targeting import select_weighted
 from modelpress.techniques.pruning.mask import Mask
-from modelpress.techniques.quantization.affine import GroupLayout, qmax
+from modelpress.techniques.quantization.affine import (
+    GroupLayout,
+    compute_qparams,
+    make_layout,
+    qmax,
+)
+from modelpress.techniques.quantization.clip_search import search_clip
 from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
 from modelpress.techniques.quantization.rtn import WeightQuantConfig
 
@@ -55,6 +61,20 @@ class GPTQConfig(WeightQuantConfig):
         0.01, gt=0, le=1, description="Dampening lambda as a fraction of the mean diagonal of H."
     )
     act_order: bool = Field(False, description="Quantize columns by decreasing H_jj.")
+    sequential: bool = Field(
+        False,
+        description="Inside each block, collect a layer's Hessian after the layers before it "
+        "are quantized (one calibration pass per layer; GPTQ's 'true sequential').",
+    )
+    clip: bool = Field(
+        False,
+        description="Before the walk, shrink each group's range to the factor with the smallest "
+        "output error d^T H d (AWQ's auto-clip search) instead of min-max.",
+    )
+    n_grid: int = Field(20, ge=1, le=200, description="Shrink factors tried by the clip search.")
+    max_shrink: float = Field(
+        0.5, ge=0, lt=1, description="Largest fraction the clip search cuts off a range."
+    )
 
 
 def column_grid(
@@ -136,6 +156,14 @@ class GPTQQuantizer:
         """
         cfg = self.cfg
         weight = effective_tensor(module)
+        grid: dict[str, torch.Tensor] = {}
+        if cfg.clip:  # the grid of the searched ranges; min-max otherwise
+            w2 = weight.detach().float().flatten(1)
+            layout = make_layout(tuple(w2.shape), cfg.granularity, cfg.group_size)
+            ratio = search_clip(w2, stats.matrix, None, layout, cfg, cfg.n_grid, cfg.max_shrink)
+            groups = layout.to_groups(w2)
+            scale, zero = compute_qparams(groups, cfg.bits, cfg.symmetric, cfg.scale_dtype, ratio)
+            grid = {"scale": scale, "zero_point": zero}
         quantizer = AffineFakeQuant(
             weight,
             cfg.bits,
@@ -143,6 +171,7 @@ class GPTQQuantizer:
             granularity=cfg.granularity,
             group_size=cfg.group_size,
             scale_dtype=cfg.scale_dtype,
+            **grid,
         )
         scale, zero = column_grid(quantizer.layout, quantizer.scale, quantizer.zero_point)
         mask = find_parametrization(module, "weight", Mask)
@@ -170,6 +199,8 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> nn.Module:
     check_supported(selected, OWNER)
     check_unquantized(selected, OWNER)
     batches = list(ctx.calibration_batches(cfg.n_samples, cfg.batch_size))
-    calibrate_layerwise(model, batches, selected, GPTQQuantizer(cfg), owner=OWNER)
+    calibrate_layerwise(
+        model, batches, selected, GPTQQuantizer(cfg), owner=OWNER, sequential=cfg.sequential
+    )
     ctx.report("bits", {n: cfg.bits for n, _ in selected})
     return model
