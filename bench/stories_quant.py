@@ -19,8 +19,10 @@ Every arm is one ``modelpress.compress`` stage on the Linear layers of the five 
 group of 32 inputs (the model's widths are 64 and 172, so 128 would be a whole row; 172 ends in
 a short group of 12). The token embedding, which is also the output head (tied), and the
 RMSNorm weights stay fp32. Arms: ``fp32``; ``quant.rtn``, ``quant.gptq``, ``quant.awq`` and
-``quant.hqq`` at 4 and 3 bits, each with its defaults otherwise, and GPTQ once more with
-``act_order`` (``gptq-ao``). An arm whose technique is not registered is skipped with a note.
+``quant.hqq`` at 4 and 3 bits, each with its defaults otherwise, and GPTQ with ``act_order``
+(``gptq-ao``), plus ``clip`` (``-clip``: each group's range from the output-error search),
+``sequential`` (``-seq``: each layer's Hessian after the layers before it are quantized) and
+both. An arm whose technique is not registered is skipped with a note.
 
 Reported per arm, on the model *reloaded from its artifact*: mean KL(fp32 || quantized) of the
 next-token distributions over every evaluation position, top-1 agreement with fp32, the
@@ -303,7 +305,7 @@ def reading(data: dict[str, Any]) -> str:
     arms, lines = data["arms"], []
     for bits in (4, 3):
         rtn = arms.get(f"rtn-{bits}")
-        gptq = {k: arms[k] for k in (f"gptq-{bits}", f"gptq-ao-{bits}") if k in arms}
+        gptq = {k: r for k, r in arms.items() if k.startswith("gptq") and k.endswith(f"-{bits}")}
         if rtn is None or not gptq:
             continue
         ratios = {k: r["kl"] / rtn["kl"] for k, r in gptq.items()}
