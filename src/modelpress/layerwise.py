@@ -415,7 +415,9 @@ def _calibrate_layers(
     """Accumulate the layers' statistics over ``runner(call)`` for every call, then process
     each layer in order; ``sequential``: one pass per layer, so each layer's statistics see
     the layers processed before it."""
-    for group in [[layer] for layer in layers] if sequential else [layers] if layers else []:
+    if not layers:
+        return
+    for group in [[layer] for layer in layers] if sequential else [layers]:
         with _Recorder(group, callback, owner) as recorder:
             recorder.run(runner, calls)
         _never_called(recorder)
