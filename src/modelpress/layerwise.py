@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from copy import deepcopy
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -65,22 +66,58 @@ class Hessian:
     """``H = 2/N sum_n x_n x_n^T`` over the input rows ``x_n``: the Hessian of the layer-wise
     reconstruction error ``||W X - W' X||^2`` that SparseGPT and GPTQ minimise.
 
+    With ``cross``, it also keeps ``C = 2/N sum_n r_n x_n^T`` of each row's *reference* ``r_n``,
+    the same row in the unprocessed model (asymmetric calibration, see
+    :func:`asymmetric_target`).
+
     Attributes:
         matrix: ``(columns, columns)`` float32, the running mean so far.
+        cross: ``(columns, columns)`` float32 ``C``, or None without ``cross``.
         rows: how many rows it averages.
     """
 
-    def __init__(self, columns: int) -> None:
+    def __init__(self, columns: int, *, cross: bool = False) -> None:
         self.matrix = torch.zeros(columns, columns)
+        self.cross = torch.zeros(columns, columns) if cross else None
         self.rows = 0
 
-    def update(self, columns: torch.Tensor) -> None:
-        """``H <- H * n / (n + b) + 2 / (n + b) * X^T X`` for a batch ``X`` of ``b`` rows."""
+    def update(self, columns: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """``H <- H * n / (n + b) + 2 / (n + b) * X^T X`` for a batch ``X`` of ``b`` rows (and
+        ``C`` likewise from ``R^T X``, ``reference`` the rows ``R`` matching ``X``)."""
         if not len(columns):
             return
         total = self.rows + len(columns)
         self.matrix.mul_(self.rows / total).addmm_(columns.T, columns, alpha=2 / total)
+        if self.cross is not None:
+            if reference is None or reference.shape != columns.shape:
+                raise ValueError("Hessian(cross=True).update needs reference rows like columns")
+            self.cross.mul_(self.rows / total).addmm_(reference.T, columns, alpha=2 / total)
         self.rows = total
+
+
+def asymmetric_target(weight: torch.Tensor, stats: Hessian, percdamp: float) -> torch.Tensor:
+    """The weight whose output on the processed model's inputs ``X`` best matches the original
+    layer's output on the unprocessed model's inputs ``R``: asymmetric calibration (GPTAQ, Li
+    et al. 2025), solved as a target shift.
+
+    ``||W R - Q X||^2 = ||W R - W* X||^2 + ||(W* - Q) X||^2`` for the least-squares ``W*``, so
+    running GPTQ/SparseGPT on ``W*`` with ``H`` of ``X`` minimises the asymmetric error. The
+    shift is ridge-regularised toward zero, ``W* = W + W (C - H)(H + lambda I)^-1`` with
+    ``C = 2/N R^T X``, so ``W* = W`` exactly when ``R = X``.
+
+    Args:
+        weight: ``(rows, cols)``.
+        stats: ``H`` and ``C`` (a :class:`Hessian` with ``cross``).
+        percdamp: ``lambda`` as a fraction of the mean diagonal of ``H``.
+
+    Raises:
+        torch.linalg.LinAlgError: the dampened ``H`` is not positive definite.
+    """
+    assert stats.cross is not None, "asymmetric_target needs Hessian(cross=True)"
+    h = stats.matrix
+    damped = h + percdamp * h.diagonal().mean() * torch.eye(len(h))
+    gap = weight.float() @ (stats.cross - h)  # (rows, cols)
+    return weight.float() + torch.linalg.solve(damped, gap.T).T  # H symmetric
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -331,29 +368,77 @@ def _chained(model: nn.Module, blocks: list[nn.Module], call: _Call) -> bool:
     return all(_same(tensors[2 * i + 1], tensors[2 * i + 2]) for i in range(len(blocks) - 1))
 
 
-class _Recorder:
-    """Forward pre-hooks that feed each layer's input columns to its statistics."""
+@dataclass(frozen=True)
+class _Reference:
+    """The unprocessed copy a layer's inputs are paired with: a runner, its inputs (one per
+    call of the processed runner) and its copies of the selected layers (same order)."""
 
-    def __init__(self, layers: Selected, callback: LayerCallback, owner: str) -> None:
+    runner: nn.Module
+    calls: list[_Call]
+    layers: list[nn.Module]
+
+
+def _reference(runner: nn.Module, calls: list[_Call], layers: Selected) -> _Reference:
+    """A deep copy of ``runner`` before any of ``layers`` changes, with its copies of them."""
+    names = {id(m): n for n, m in runner.named_modules()}
+    copy_ = deepcopy(runner)
+    modules = dict(copy_.named_modules())
+    return _Reference(copy_, calls, [modules[names[id(m)]] for _, m in layers])
+
+
+class _Recorder:
+    """Forward pre-hooks that feed each layer's input columns to its statistics; with a
+    :class:`_Reference`, each batch's columns come paired with the reference's."""
+
+    def __init__(
+        self,
+        layers: Selected,
+        callback: LayerCallback,
+        owner: str,
+        reference: _Reference | None = None,
+    ) -> None:
         self.owner = owner
         self.stats = {name: callback.stats(name, module) for name, module in layers}
         self.hits = dict.fromkeys(self.stats, 0)
         self.token_mask: torch.Tensor | None = None
+        self.reference = reference
+        self.pending: dict[str, list[torch.Tensor]] = {name: [] for name in self.stats}
         self.handles = [
             module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
             for name, module in layers
         ]
+        if reference is not None:
+            pairs = zip(layers, reference.layers, strict=True)
+            self.handles += [
+                copy_.register_forward_pre_hook(self._reference_hook(name), with_kwargs=True)
+                for (name, _), copy_ in pairs
+            ]
+
+    def _columns(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
+        columns = input_columns(module, x, self.token_mask)
+        if not torch.isfinite(columns).all():
+            raise DataError(
+                f"{name}: the calibration activations reaching it contain NaN or inf, so "
+                f"{self.owner} cannot use them; check the data and the model."
+            )
+        return columns
+
+    def _reference_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.pending[name].append(self._columns(name, module, args, kwargs))
+
+        return hook
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            columns = input_columns(module, x, self.token_mask)
-            if not torch.isfinite(columns).all():
-                raise DataError(
-                    f"{name}: the calibration activations reaching it contain NaN or inf, so "
-                    f"{self.owner} cannot use them; check the data and the model."
-                )
-            self.stats[name].update(columns)
+            columns = self._columns(name, module, args, kwargs)
+            if self.reference is None:
+                self.stats[name].update(columns)
+            else:
+                self.stats[name].update(columns, self.pending[name].pop(0))
             self.hits[name] += 1
 
         return hook
@@ -366,8 +451,12 @@ class _Recorder:
             handle.remove()
 
     def run(self, runner: nn.Module, calls: list[_Call]) -> None:
-        """Run ``runner`` on every call, feeding the hooks."""
-        for call in calls:
+        """Run ``runner`` on every call (after the reference on its matching call), feeding
+        the hooks."""
+        for i, call in enumerate(calls):
+            if self.reference is not None:
+                self.token_mask = self.reference.calls[i].token_mask
+                _run(self.reference.runner, self.reference.calls[i])
             self.token_mask = call.token_mask
             _run(runner, call)
 
@@ -411,17 +500,23 @@ def _calibrate_layers(
     callback: LayerCallback,
     owner: str,
     sequential: bool = False,
+    reference: _Reference | None = None,
 ) -> None:
     """Accumulate the layers' statistics over ``runner(call)`` for every call, then process
     each layer in order; ``sequential``: one pass per layer, so each layer's statistics see
-    the layers processed before it."""
+    the layers processed before it; ``reference``: pair every input with the reference's."""
     if not layers:
         return
-    for group in [[layer] for layer in layers] if sequential else [layers]:
-        with _Recorder(group, callback, owner) as recorder:
+    every = list(range(len(layers)))
+    for group in [[i] for i in every] if sequential else [every]:
+        own = None
+        if reference is not None:
+            own = replace(reference, layers=[reference.layers[i] for i in group])
+        with _Recorder([layers[i] for i in group], callback, owner, own) as recorder:
             recorder.run(runner, calls)
         _never_called(recorder)
-        for name, module in group:
+        for i in group:
+            name, module = layers[i]
             callback.process(name, module, recorder.stats[name])
 
 
@@ -438,6 +533,7 @@ def _calibrate_blocks(
     callback: LayerCallback,
     owner: str,
     sequential: bool,
+    asymmetric: bool,
 ) -> None:
     per_block = [_inside(block, selected) for block in blocks]
     inside = {name for layers in per_block for name, _ in layers}
@@ -445,15 +541,21 @@ def _calibrate_blocks(
     # layers before the first block: their statistics come from the capture run itself
     with _Recorder(outside, callback, owner) as recorder:
         block_calls = _capture(model, blocks[0], calls, recorder)
+    reference_calls = block_calls  # the unprocessed model's inputs of the current block
     early = [(n, m) for n, m in outside if recorder.hits[n]]
     if early:
         for name, module in early:
             callback.process(name, module, recorder.stats[name])
         block_calls = _capture(model, blocks[0], calls)  # the first block's inputs changed
     for i, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
-        _calibrate_layers(block, block_calls, layers, callback, owner, sequential)
+        reference = _reference(block, reference_calls, layers) if asymmetric else None
+        _calibrate_layers(block, block_calls, layers, callback, owner, sequential, reference)
         if i + 1 < len(blocks):
             block_calls = [_with_hidden(c, _first(_run(block, c))) for c in block_calls]
+            if reference is not None:
+                reference_calls = [
+                    _with_hidden(c, _first(_run(reference.runner, c))) for c in reference_calls
+                ]
     late = [(n, m) for n, m in outside if not recorder.hits[n]]
     _calibrate_layers(model, calls, late, callback, owner, sequential)
 
@@ -466,6 +568,7 @@ def calibrate_layerwise(
     *,
     owner: str,
     sequential: bool = False,
+    asymmetric: bool = False,
 ) -> None:
     """Process every selected layer from statistics of its inputs, block by block.
 
@@ -483,6 +586,10 @@ def calibrate_layerwise(
         sequential: inside a block, re-run it before each layer, so a layer's statistics
             come from the layers before it already processed (GPTQ's "true sequential" for
             Llama): one pass per layer instead of one per block.
+        asymmetric: pair every input row with the same row in an unprocessed copy of the
+            model (a deep copy of each block, or of the whole model without blocks), for
+            statistics made with ``cross`` (see :func:`asymmetric_target`). Layers after the
+            blocks are calibrated without pairs.
 
     Raises:
         DataError: no batches, or NaN/inf in the activations reaching a selected layer.
@@ -494,6 +601,9 @@ def calibrate_layerwise(
     with eval_mode(model), torch.no_grad():
         found = find_blocks(model, selected)
         if found is not None and _chained(model, found[1], calls[0]):
-            _calibrate_blocks(model, found[1], calls, selected, callback, owner, sequential)
+            _calibrate_blocks(
+                model, found[1], calls, selected, callback, owner, sequential, asymmetric
+            )
         else:
-            _calibrate_layers(model, calls, selected, callback, owner, sequential)
+            reference = _reference(model, calls, selected) if asymmetric else None
+            _calibrate_layers(model, calls, selected, callback, owner, sequential, reference)
