@@ -18,7 +18,7 @@ from torch import nn
 
 from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, Context, forward
-from modelpress.data.augment import augment_batch
+from modelpress.data.augment import Augmentation, augment_batch
 from modelpress.errors import TrainingError
 
 
@@ -38,6 +38,17 @@ class TrainConfig(TechniqueConfig):
         0, ge=0, description="Augment: zero-pad images by this much, random crop back (0: off)."
     )
     hflip: bool = Field(False, description="Augment: flip images left-right with p = 1/2.")
+    rotate_degrees: float = Field(
+        0.0, ge=0, le=180, description="Augment: rotate images by up to this many degrees."
+    )
+    scale_range: float = Field(
+        0.0, ge=0, lt=1, description="Augment: scale images by a factor in [1 - s, 1 + s]."
+    )
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The image augmentation these settings ask for."""
+        return Augmentation(self.crop_padding, self.hflip, self.rotate_degrees, self.scale_range)
 
     @model_validator(mode="after")
     def _some_training(self) -> TrainConfig:
@@ -155,7 +166,7 @@ def fit(
         epochs = cfg.epochs if cfg.epochs else 1 << 30
         while state.epoch < epochs and (not total or state.step < total):
             for batch in ctx.training_batches(cfg.batch_size, epoch=state.epoch):
-                batch = augment_batch(batch, cfg.crop_padding, cfg.hflip, augment_gen)
+                batch = augment_batch(batch, cfg.augmentation, augment_gen)
                 _train_step(state, batch, cfg, callbacks)
                 advance(state.loss)
                 if total and state.step >= total:

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import modelpress as mp
-from modelpress.data.augment import augment_batch, random_crop, random_hflip
+from modelpress.data.augment import (
+    Augmentation,
+    augment_batch,
+    random_affine,
+    random_crop,
+    random_hflip,
+)
 from modelpress.errors import DataError
 
 
@@ -34,10 +40,30 @@ def test_flip_mirrors_about_half_the_images():
     assert 70 < sum(flipped) < 130
 
 
+def test_affine_keeps_the_centre_rotates_and_scales():
+    x, gen = _images(), torch.Generator().manual_seed(0)
+    torch.testing.assert_close(random_affine(x, 0.0, 0.0, gen), x)  # no change: exact pixels
+    r2 = (torch.arange(9.0) - 4)[:, None] ** 2 + (torch.arange(9.0) - 4)[None, :] ** 2
+    blob = torch.exp(-r2 / 12).expand(32, 1, 9, 9)  # round: any rotation leaves it be
+    inner = r2 <= 9  # corners rotate in from outside the image, where it is 0
+    turned = random_affine(blob, 45.0, 0.0, gen)
+    torch.testing.assert_close(turned[..., inner], blob[..., inner], atol=0.04, rtol=0)
+    bar = torch.zeros(32, 1, 9, 9)
+    bar[:, 0, 4, :] = 1.0  # a horizontal line through the centre tilts off its row
+    tilted = random_affine(bar, 45.0, 0.0, gen)
+    assert torch.allclose(tilted[:, 0, 4, 4], torch.ones(32))
+    assert (tilted[:, 0, 4].sum(1) < 7).float().mean() > 0.5
+    dot = torch.zeros(64, 1, 9, 9)
+    dot[:, 0, 3:6, 3:6] = 1.0
+    mass = random_affine(dot, 0.0, 0.5, gen).sum(dim=(1, 2, 3))  # area scales with factor^2
+    assert mass.min() < 9 * 0.75**2 and mass.max() > 9 * 1.25**2
+
+
 def test_same_seed_same_batches_and_labels_untouched():
     labels = torch.arange(4)
-    a = augment_batch((_images(), labels), 2, True, torch.Generator().manual_seed(3))
-    b = augment_batch((_images(), labels), 2, True, torch.Generator().manual_seed(3))
+    every = Augmentation(crop_padding=2, hflip=True, rotate_degrees=10, scale_range=0.1)
+    a = augment_batch((_images(), labels), every, torch.Generator().manual_seed(3))
+    b = augment_batch((_images(), labels), every, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and a[1] is labels
 
 
@@ -46,22 +72,23 @@ def test_same_seed_same_batches_and_labels_untouched():
 )
 def test_non_image_batches_are_a_one_line_error(batch):
     with pytest.raises(DataError, match=r"needs image batches \(B, C, H, W\)") as err:
-        augment_batch(batch, 4, False, torch.Generator())
+        augment_batch(batch, Augmentation(crop_padding=4), torch.Generator())
     assert "\n" not in str(err.value)
 
 
 def test_off_returns_the_batch_itself():
     batch = {"input_ids": torch.zeros(1, 3)}
-    assert augment_batch(batch, 0, False, torch.Generator()) is batch
+    assert augment_batch(batch, Augmentation(), torch.Generator()) is batch
 
 
 def test_train_stage_augments(digits):
     model = mp.load_model("zoo:lenet5", input_shape=[1, 8, 8], num_classes=10)
-    stage = {"technique": "train", "epochs": 1, "crop_padding": 1, "hflip": True}
+    stage = {"technique": "train", "epochs": 1, "crop_padding": 1, "hflip": True,
+             "rotate_degrees": 10, "scale_range": 0.1}  # fmt: skip
     runs = [mp.compress(model, [stage], data=digits, latency_runs=0, seed=2) for _ in range(2)]
     assert runs[0].stages[0].learned["steps"] > 0
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True):
         assert torch.equal(a, b)
-    plain = mp.compress(model, [{**stage, "crop_padding": 0, "hflip": False}], data=digits,
-                        latency_runs=0, seed=2)  # fmt: skip
+    off = {"crop_padding": 0, "hflip": False, "rotate_degrees": 0, "scale_range": 0}
+    plain = mp.compress(model, [{**stage, **off}], data=digits, latency_runs=0, seed=2)
     assert not torch.equal(plain.model.conv1.weight, runs[0].model.conv1.weight)

@@ -2,12 +2,16 @@
 
 The standard CIFAR recipe of He et al. 2016 (section 4.2): pad each image with ``padding``
 zeros on every side and take a random crop of the original size, then flip it horizontally
-with probability 1/2. Both act on a whole batch ``(B, C, H, W)`` with one seeded generator,
-so the same seed gives the same augmented batches.
+with probability 1/2. For digits, a random rotation and scaling about the image centre (the
+affine distortions of Simard et al. 2003, bilinear, zeros outside), applied before the crop.
+All act on a whole batch ``(B, C, H, W)`` with one seeded generator, so the same seed gives the
+same augmented batches.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,13 +19,37 @@ import torch.nn.functional as F
 
 from modelpress.errors import DataError
 
+_OFF = "Set crop_padding: 0, hflip: false, rotate_degrees: 0 and scale_range: 0"
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What to do to each training image (all off by default).
+
+    Attributes:
+        crop_padding: zero-pad by this many pixels and crop a random window back.
+        hflip: flip left-right with probability 1/2.
+        rotate_degrees: rotate by an angle uniform in ``[-d, d]`` degrees.
+        scale_range: scale by a factor uniform in ``[1 - s, 1 + s]``.
+    """
+
+    crop_padding: int = 0
+    hflip: bool = False
+    rotate_degrees: float = 0.0
+    scale_range: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether anything changes the images."""
+        return bool(self.crop_padding or self.hflip or self.rotate_degrees or self.scale_range)
+
 
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise DataError(
-            f"crop/flip augmentation needs image batches (B, C, H, W); got {shape}. "
-            "Set crop_padding: 0 and hflip: false for this data."
+            f"image augmentation needs image batches (B, C, H, W); got {shape}. "
+            f"{_OFF} for this data."
         )
 
 
@@ -53,8 +81,26 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def augment_batch(batch: Any, crop_padding: int, hflip: bool, generator: torch.Generator) -> Any:
-    """``batch`` with its images randomly cropped (``crop_padding`` > 0) and/or flipped.
+def random_affine(
+    x: torch.Tensor, degrees: float, scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Rotate each image of ``x`` ``(B, C, H, W)`` by a random angle in ``[-degrees, degrees]``
+    and scale it by a random factor in ``[1 - scale, 1 + scale]`` about its centre (bilinear;
+    pixels from outside the image are 0)."""
+    _check_images(x)
+    b = x.shape[0]
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
+    factor = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor  # output -> input coords
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(batch: Any, augmentation: Augmentation, generator: torch.Generator) -> Any:
+    """``batch`` with its images rotated and scaled, cropped and flipped as ``augmentation``
+    says (in that order).
 
     Args:
         batch: ``(images, labels)`` or bare images ``(B, C, H, W)``.
@@ -62,16 +108,19 @@ def augment_batch(batch: Any, crop_padding: int, hflip: bool, generator: torch.G
     Raises:
         DataError: the batch holds no image tensor (e.g. a dict of token ids).
     """
-    if not crop_padding and not hflip:
+    a = augmentation
+    if not a.active:
         return batch
     if isinstance(batch, dict):
         raise DataError(
-            "crop/flip augmentation needs image batches (B, C, H, W); got a dict of "
-            f"{', '.join(batch)}. Set crop_padding: 0 and hflip: false for this data."
+            "image augmentation needs image batches (B, C, H, W); got a dict of "
+            f"{', '.join(batch)}. {_OFF} for this data."
         )
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if crop_padding:
-        x = random_crop(x, crop_padding, generator)
-    if hflip:
+    if a.rotate_degrees or a.scale_range:
+        x = random_affine(x, a.rotate_degrees, a.scale_range, generator)
+    if a.crop_padding:
+        x = random_crop(x, a.crop_padding, generator)
+    if a.hflip:
         x = random_hflip(x, generator)
     return (x, *batch[1:]) if isinstance(batch, (tuple, list)) else x
