@@ -44,8 +44,8 @@ from modelpress.techniques.quantization.affine import (
     scale_columns,
 )
 from modelpress.techniques.quantization.clip_search import grid_weight, output_error, search_clip
-from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
-from modelpress.techniques.quantization.rtn import WeightQuantConfig
+from modelpress.techniques.quantization.fake_quant import check_unquantized
+from modelpress.techniques.quantization.rtn import WeightQuantConfig, weight_quantizer
 
 OWNER = "quant.awq"
 _FLOOR = 1e-4  # mean|x| below this fraction of the largest is raised to it (dead inputs)
@@ -165,17 +165,7 @@ class AWQQuantizer:
         )
         scaled = layout.to_groups(scale_columns(weight, in_scale))
         scale, zero = compute_qparams(scaled, cfg.bits, cfg.symmetric, cfg.scale_dtype, ratio)
-        quantizer = AffineFakeQuant(
-            weight,
-            cfg.bits,
-            symmetric=cfg.symmetric,
-            granularity=layout.granularity,
-            group_size=layout.group_size,
-            scale_dtype=cfg.scale_dtype,
-            in_scale=in_scale,
-            scale=scale,
-            zero_point=zero,
-        )
+        quantizer = weight_quantizer(weight, cfg, in_scale=in_scale, scale=scale, zero_point=zero)
         add_parametrization(module, "weight", quantizer)
 
 

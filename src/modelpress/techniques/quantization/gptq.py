@@ -47,8 +47,8 @@ from modelpress.techniques.quantization.affine import (
     qmax,
 )
 from modelpress.techniques.quantization.clip_search import search_clip
-from modelpress.techniques.quantization.fake_quant import AffineFakeQuant, check_unquantized
-from modelpress.techniques.quantization.rtn import WeightQuantConfig
+from modelpress.techniques.quantization.fake_quant import check_unquantized
+from modelpress.techniques.quantization.rtn import WeightQuantConfig, weight_quantizer
 
 OWNER = "quant.gptq"
 
@@ -279,13 +279,9 @@ class GPTQQuantizer:
                 pruned=pruned,
             )
         first = slice(None, None, layout.width)  # one column per group
-        quantizer = AffineFakeQuant(
+        quantizer = weight_quantizer(
             weight,
-            cfg.bits,
-            symmetric=cfg.symmetric,
-            granularity=cfg.granularity,
-            group_size=cfg.group_size,
-            scale_dtype=cfg.scale_dtype,
+            cfg,
             scale=scale[: layout.rows, first].reshape(-1),
             zero_point=zero[: layout.rows, first].reshape(-1),
         )

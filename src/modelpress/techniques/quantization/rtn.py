@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -60,20 +61,28 @@ class WeightQuantConfig(GridConfig):
     bits: int = Field(8, ge=2, le=8, description="Bits per weight.")
 
 
+def weight_quantizer(
+    weight: torch.Tensor, cfg: WeightQuantConfig, **grid: torch.Tensor
+) -> AffineFakeQuant:
+    """The fake quantizer of ``weight`` on ``cfg``'s grid: min-max, or the fixed ``scale``,
+    ``zero_point`` (and AWQ's ``in_scale``) given in ``grid``."""
+    return AffineFakeQuant(
+        weight,
+        cfg.bits,
+        symmetric=cfg.symmetric,
+        granularity=cfg.granularity,
+        group_size=cfg.group_size,
+        scale_dtype=cfg.scale_dtype,
+        **grid,
+    )
+
+
 @technique("quant.rtn", WeightQuantConfig)
 def apply_rtn(model: nn.Module, cfg: WeightQuantConfig, ctx: Context) -> nn.Module:
     """Round weights to the nearest point of a min-max affine grid (weight-only)."""
     selected = select_weighted(model, cfg, owner="quant.rtn", supported=QUANTIZABLE)
     check_unquantized(selected, "quant.rtn")
     for _, module in selected:
-        quantizer = AffineFakeQuant(
-            effective_tensor(module),
-            cfg.bits,
-            symmetric=cfg.symmetric,
-            granularity=cfg.granularity,
-            group_size=cfg.group_size,
-            scale_dtype=cfg.scale_dtype,
-        )
-        add_parametrization(module, "weight", quantizer)
+        add_parametrization(module, "weight", weight_quantizer(effective_tensor(module), cfg))
     ctx.report("bits", {n: cfg.bits for n, _ in selected})
     return model
