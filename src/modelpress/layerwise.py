@@ -30,10 +30,12 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from modelpress.config import TechniqueConfig
 from modelpress.context import Batch, batch_inputs
 from modelpress.errors import DataError, UnsupportedModuleError
 from modelpress.measure.flops import eval_mode
@@ -93,6 +95,23 @@ class Hessian:
                 raise ValueError("Hessian(cross=True).update needs reference rows like columns")
             self.cross.mul_(self.rows / total).addmm_(reference.T, columns, alpha=2 / total)
         self.rows = total
+
+
+class LayerwiseInputsConfig(TechniqueConfig):
+    """Where each layer's calibration inputs come from: the options of
+    :func:`calibrate_layerwise` that GPTQ and SparseGPT expose."""
+
+    sequential: bool = Field(
+        False,
+        description="Inside each block, collect a layer's statistics after the layers before "
+        "it are processed (one calibration pass per layer; GPTQ's 'true sequential').",
+    )
+    asymmetric: bool = Field(
+        False,
+        description="Match each layer's output to the unprocessed model's output on the "
+        "unprocessed model's inputs, not on the already processed layers' (GPTAQ's asymmetric "
+        "calibration).",
+    )
 
 
 def asymmetric_target(weight: torch.Tensor, stats: Hessian, percdamp: float) -> torch.Tensor:

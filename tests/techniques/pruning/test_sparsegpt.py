@@ -1,5 +1,6 @@
 """prune.sparsegpt: lower reconstruction error than magnitude pruning, better accuracy on a
-trained MLP, exact row and N:M sparsity, dead inputs, updates written under earlier masks."""
+trained MLP, exact row and N:M sparsity, dead inputs, updates written under earlier masks,
+asymmetric calibration."""
 
 from __future__ import annotations
 
@@ -112,3 +113,17 @@ def test_a_layer_without_a_parametrization_gets_its_weight_updated():
     apply("prune.sparsegpt", nn.Sequential(layer), [x], sparsity=0.5)
     kept = layer.weight != 0
     assert int(kept.sum()) == 32 and not torch.equal(layer.weight[kept], before[kept])
+
+
+def test_asymmetric_calibration_undoes_the_drift_of_earlier_layers():
+    torch.manual_seed(0)
+    dense = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.Tanh())])
+    x = correlated_inputs(2048, 32)
+    calib, held_out = x[:1024], x[1024:]
+    errors = {}
+    for asymmetric in (False, True):
+        pruned, _ = apply("prune.sparsegpt", copy.deepcopy(dense), [calib[:512], calib[512:]],
+                          sparsity=0.6, n_samples=1024, sequential=True, asymmetric=asymmetric)  # fmt: skip
+        with torch.no_grad():
+            errors[asymmetric] = float(((pruned(held_out) - dense(held_out)) ** 2).mean())
+    assert errors[True] < 0.6 * errors[False]  # measured 0.39 (0.43-0.44 at other seeds)

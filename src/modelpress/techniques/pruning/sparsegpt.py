@@ -19,6 +19,12 @@ Inputs that are always zero (``diag H == 0``) get ``H_jj = 1`` and a zero weight
 updated weights are written under any existing parametrizations and the mask is put on as a
 parametrization, so the zeros stay zero through fine-tuning; weights an earlier stage pruned
 stay pruned.
+
+``sequential`` and ``asymmetric`` choose the inputs as for ``quant.gptq``: with
+``asymmetric``, each layer is pruned from ``W* = W + W (C - H)(H + lambda I)^-1`` (see
+:func:`modelpress.layerwise.asymmetric_target`), so its pruned output on the pruned model's
+inputs tracks the dense model's output on the dense inputs (GPTAQ, Li et al. 2025, applies the
+same correction to SparseGPT).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from torch import nn
 from modelpress.context import Context
 from modelpress.layerwise import (
     Hessian,
+    LayerwiseInputsConfig,
+    asymmetric_target,
     calibrate_layerwise,
     drop_dead_inputs,
     hessian_errors,
@@ -51,7 +59,7 @@ from modelpress.techniques.pruning.mask import Mask, set_mask
 from modelpress.techniques.pruning.nm import nm_mask
 
 
-class SparseGPTConfig(CalibratedPruningConfig):
+class SparseGPTConfig(CalibratedPruningConfig, LayerwiseInputsConfig):
     """SparseGPT: prune with OBS weight reconstruction from calibration inputs."""
 
     blocksize: int = Field(128, ge=1, description="Columns pruned per block (lazy updates).")
@@ -179,8 +187,8 @@ class SparseGPTPruner:
         self.masks: dict[str, torch.Tensor] = {}
 
     def stats(self, name: str, module: nn.Module) -> Hessian:
-        """A fresh ``H`` over the layer's input columns."""
-        return Hessian(input_width(module))
+        """A fresh ``H`` over the layer's input columns (and ``C`` when asymmetric)."""
+        return Hessian(input_width(module), cross=self.cfg.asymmetric)
 
     def process(self, name: str, module: nn.Module, stats: Hessian) -> None:
         """Prune and reconstruct the layer's weight, then put the mask on.
@@ -188,18 +196,23 @@ class SparseGPTPruner:
         Raises:
             DataError: ``H`` is not positive definite even after dampening.
         """
+        cfg = self.cfg
         weight = effective_tensor(module)  # (out, in, *k)
+        w2 = weight.detach().float().flatten(1)
+        if cfg.asymmetric:
+            with hessian_errors(name):
+                w2 = asymmetric_target(w2, stats, cfg.percdamp)
         order = inputs_last_order(weight.shape)
         existing = find_parametrization(module, "weight", Mask)
         prior = None if existing is None else ~existing.mask.flatten(1)[:, order]
         with hessian_errors(name):
             new, keep = sparsegpt_prune(
-                weight.flatten(1)[:, order],
+                w2[:, order],
                 stats.matrix[order][:, order],
-                self.cfg.sparsity,
-                nm=self.cfg.nm,
-                blocksize=self.cfg.blocksize,
-                percdamp=self.cfg.percdamp,
+                cfg.sparsity,
+                nm=cfg.nm,
+                blocksize=cfg.blocksize,
+                percdamp=cfg.percdamp,
                 prior=prior,
             )
         inverse = torch.argsort(order)  # back to (in, *k) column order
@@ -214,6 +227,7 @@ def apply_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, ctx: Context) -> nn.
     """Prune per row or N:M and reconstruct the rest from calibration inputs (SparseGPT)."""
     selected, batches = select_calibrated(model, cfg, ctx, "prune.sparsegpt")
     pruner = SparseGPTPruner(cfg)
-    calibrate_layerwise(model, batches, selected, pruner, owner="prune.sparsegpt")
+    calibrate_layerwise(model, batches, selected, pruner, owner="prune.sparsegpt",
+                        sequential=cfg.sequential, asymmetric=cfg.asymmetric)  # fmt: skip
     report_sparsity(ctx, pruner.masks)
     return model

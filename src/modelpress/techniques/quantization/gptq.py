@@ -25,6 +25,7 @@ from torch import nn
 
 from modelpress.context import Context
 from modelpress.layerwise import (
+    LayerwiseInputsConfig,
     LAYERWISE,
     Hessian,
     asymmetric_target,
@@ -53,7 +54,7 @@ from modelpress.techniques.quantization.rtn import WeightQuantConfig, weight_qua
 OWNER = "quant.gptq"
 
 
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(WeightQuantConfig, LayerwiseInputsConfig):
     """GPTQ: quantize column by column, compensating each error with the inverse Hessian."""
 
     targets: list[str] = Field(
@@ -67,17 +68,6 @@ class GPTQConfig(WeightQuantConfig):
         0.01, gt=0, le=1, description="Dampening lambda as a fraction of the mean diagonal of H."
     )
     act_order: bool = Field(False, description="Quantize columns by decreasing H_jj.")
-    sequential: bool = Field(
-        False,
-        description="Inside each block, collect a layer's Hessian after the layers before it "
-        "are quantized (one calibration pass per layer; GPTQ's 'true sequential').",
-    )
-    asymmetric: bool = Field(
-        False,
-        description="Match each layer's output to the unprocessed model's output on the "
-        "unprocessed model's inputs, not on the already quantized layers' (GPTAQ's asymmetric "
-        "calibration).",
-    )
     clip: bool = Field(
         False,
         description="Before the walk, shrink each group's range to the factor with the smallest "
