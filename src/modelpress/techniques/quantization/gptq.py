@@ -25,9 +25,9 @@ from torch import nn
 
 from modelpress.context import Context
 from modelpress.layerwise import (
-    LayerwiseInputsConfig,
     LAYERWISE,
     Hessian,
+    LayerwiseInputsConfig,
     asymmetric_target,
     calibrate_layerwise,
     check_supported,
