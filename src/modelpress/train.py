@@ -44,11 +44,27 @@ class TrainConfig(TechniqueConfig):
     scale_range: float = Field(
         0.0, ge=0, lt=1, description="Augment: scale images by a factor in [1 - s, 1 + s]."
     )
+    elastic_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="Augment: elastic distortion strength in pixels (Simard et al. 2003; 34 "
+        "on MNIST; 0: off).",
+    )
+    elastic_sigma: float = Field(
+        4.0, gt=0, description="Augment: smoothness (Gaussian sigma, pixels) of the elastic field."
+    )
 
     @property
     def augmentation(self) -> Augmentation:
         """The image augmentation these settings ask for."""
-        return Augmentation(self.crop_padding, self.hflip, self.rotate_degrees, self.scale_range)
+        return Augmentation(
+            self.crop_padding,
+            self.hflip,
+            self.rotate_degrees,
+            self.scale_range,
+            self.elastic_alpha,
+            self.elastic_sigma,
+        )
 
     @model_validator(mode="after")
     def _some_training(self) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Crop/flip augmentation: exact crops, seeded, images only, and wired into ``train``."""
+"""Image augmentation: exact crops, flips, rotation/scaling, elastic distortion; seeded, images
+only, and wired into ``train``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import modelpress as mp
 from modelpress.data.augment import (
     Augmentation,
     augment_batch,
+    gaussian_matrix,
+    gaussian_smooth,
     random_affine,
     random_crop,
     random_hflip,
@@ -59,9 +62,38 @@ def test_affine_keeps_the_centre_rotates_and_scales():
     assert mass.min() < 9 * 0.75**2 and mass.max() > 9 * 1.25**2
 
 
+def test_gaussian_matrix_is_a_reflected_normalised_filter():
+    g = gaussian_matrix(11, 1.5)  # radius ceil(3 * 1.5) = 5
+    torch.testing.assert_close(g.sum(1), torch.ones(11))  # every row keeps a constant
+    taps = torch.exp(-0.5 * (torch.arange(-5.0, 6.0) / 1.5) ** 2)
+    taps /= taps.sum()
+    torch.testing.assert_close(g[5, :], taps)  # the middle row: the taps in place
+    torch.testing.assert_close(g[0, 1], taps[4] + taps[6])  # pixel -1 is pixel 1 (reflection)
+    field = torch.randn(3, 1, 11, 11)
+    torch.testing.assert_close(gaussian_smooth(field, 1.5), g @ field @ g.T)
+    assert gaussian_smooth(field, 1.5).std() < 0.6 * field.std()  # noise is smoothed
+
+
+def test_elastic_distortion_moves_pixels_smoothly():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 6:22, 12:16] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(  # strength 0: the identity, exactly
+        augment_batch(x, Augmentation(elastic_alpha=0.0), gen), x, rtol=0, atol=0
+    )
+    bent = augment_batch(x, Augmentation(elastic_alpha=34.0, elastic_sigma=4.0), gen)
+    changed = (bent - x).abs().sum(dim=(1, 2, 3))
+    assert bool((changed > 1).all())  # every image moved
+    mild = augment_batch(x, Augmentation(elastic_alpha=3.0, elastic_sigma=4.0), gen)
+    assert (mild - x).abs().mean() < 0.3 * (bent - x).abs().mean()  # strength scales it
+    mass = bent.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+    assert 0.85 < float(mass.mean()) < 1.15  # the stroke is bent, not lost
+
+
 def test_same_seed_same_batches_and_labels_untouched():
     labels = torch.arange(4)
-    every = Augmentation(crop_padding=2, hflip=True, rotate_degrees=10, scale_range=0.1)
+    every = Augmentation(crop_padding=2, hflip=True, rotate_degrees=10, scale_range=0.1,
+                         elastic_alpha=8.0)  # fmt: skip
     a = augment_batch((_images(), labels), every, torch.Generator().manual_seed(3))
     b = augment_batch((_images(), labels), every, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and a[1] is labels
@@ -84,7 +116,7 @@ def test_off_returns_the_batch_itself():
 def test_train_stage_augments(digits):
     model = mp.load_model("zoo:lenet5", input_shape=[1, 8, 8], num_classes=10)
     stage = {"technique": "train", "epochs": 1, "crop_padding": 1, "hflip": True,
-             "rotate_degrees": 10, "scale_range": 0.1}  # fmt: skip
+             "rotate_degrees": 10, "scale_range": 0.1, "elastic_alpha": 4.0}  # fmt: skip
     runs = [mp.compress(model, [stage], data=digits, latency_runs=0, seed=2) for _ in range(2)]
     assert runs[0].stages[0].learned["steps"] > 0
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True):
