@@ -139,6 +139,21 @@ def asymmetric_target(weight: torch.Tensor, stats: Hessian, percdamp: float) -> 
     return weight.float() + torch.linalg.solve(damped, gap.T).T  # H symmetric
 
 
+def layer_target(name: str, weight: torch.Tensor, stats: Hessian, percdamp: float) -> torch.Tensor:
+    """The ``(rows, cols)`` fp32 matrix GPTQ and SparseGPT process: ``weight.flatten(1)``, or,
+    when ``stats`` carry the cross term ``C`` (asymmetric calibration), its
+    :func:`asymmetric_target`.
+
+    Raises:
+        DataError: the dampened ``H`` is not positive definite (naming layer ``name``).
+    """
+    flat = weight.detach().float().flatten(1)
+    if stats.cross is None:
+        return flat
+    with hessian_errors(name):
+        return asymmetric_target(flat, stats, percdamp)
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """``U``, upper triangular with ``U^T U = (H + lambda I)^-1``, ``lambda = percdamp *
     mean(diag H)``: the factor SparseGPT and GPTQ walk column by column (its row ``j`` from

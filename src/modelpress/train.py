@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -57,14 +57,7 @@ class TrainConfig(TechniqueConfig):
     @property
     def augmentation(self) -> Augmentation:
         """The image augmentation these settings ask for."""
-        return Augmentation(
-            self.crop_padding,
-            self.hflip,
-            self.rotate_degrees,
-            self.scale_range,
-            self.elastic_alpha,
-            self.elastic_sigma,
-        )
+        return Augmentation(**{f.name: getattr(self, f.name) for f in fields(Augmentation)})
 
     @model_validator(mode="after")
     def _some_training(self) -> TrainConfig:

@@ -39,12 +39,12 @@ from modelpress.context import Context
 from modelpress.layerwise import (
     Hessian,
     LayerwiseInputsConfig,
-    asymmetric_target,
     calibrate_layerwise,
     drop_dead_inputs,
     hessian_errors,
     input_width,
     inverse_hessian_factor,
+    layer_target,
     set_weight,
 )
 from modelpress.parametrizations import effective_tensor, find_parametrization
@@ -198,10 +198,7 @@ class SparseGPTPruner:
         """
         cfg = self.cfg
         weight = effective_tensor(module)  # (out, in, *k)
-        w2 = weight.detach().float().flatten(1)
-        if cfg.asymmetric:
-            with hessian_errors(name):
-                w2 = asymmetric_target(w2, stats, cfg.percdamp)
+        w2 = layer_target(name, weight, stats, cfg.percdamp)
         order = inputs_last_order(weight.shape)
         existing = find_parametrization(module, "weight", Mask)
         prior = None if existing is None else ~existing.mask.flatten(1)[:, order]

@@ -28,13 +28,13 @@ from modelpress.layerwise import (
     LAYERWISE,
     Hessian,
     LayerwiseInputsConfig,
-    asymmetric_target,
     calibrate_layerwise,
     check_supported,
     drop_dead_inputs,
     hessian_errors,
     input_width,
     inverse_hessian_factor,
+    layer_target,
     set_weight,
 )
 from modelpress.parametrizations import add_parametrization, effective_tensor, find_parametrization
@@ -250,10 +250,7 @@ class GPTQQuantizer:
         """
         cfg = self.cfg
         weight = effective_tensor(module)
-        w2 = weight.detach().float().flatten(1)
-        if cfg.asymmetric:
-            with hessian_errors(name):
-                w2 = asymmetric_target(w2, stats, cfg.percdamp)
+        w2 = layer_target(name, weight, stats, cfg.percdamp)
         layout = make_layout(tuple(w2.shape), cfg.granularity, cfg.group_size)
         mask = find_parametrization(module, "weight", Mask)
         pruned = None if mask is None else ~mask.mask.flatten(1)
