@@ -21,6 +21,9 @@ model is compared with that baseline on the JPEG test split in the same run. Arm
 * ``w4a4-qat``     -- ``quant.qat`` (LSQ) with 4-bit weights and 4-bit layer inputs on every
   layer but the first conv and the classifier, which get 8/8 (the usual practice, Esser et
   al. 2020), then ``train`` for the fine-tune budget (SGD, cosine, augmented).
+* ``w4a4-qat-kd``  -- the same with ``distill.kd`` before ``train`` (the fp32 baseline as the
+  teacher; the technique's defaults, temperature 4 and alpha 0.9, fixed a priori): the
+  quantized student learns from the baseline's soft labels as well as the labels.
 * ``ternary``, ``binary`` -- ``quant.ternary`` (TWN) / ``quant.binary`` (XNOR-Net weights)
   on the same layers (first conv and classifier kept fp32), then the same ``train``.
 
@@ -72,13 +75,14 @@ from _common import (
 )
 
 NAME = "quant_cifar"
-ARMS = ("int8-static", "int8-static-r7", "w4a4-qat", "ternary", "binary")
+ARMS = ("int8-static", "int8-static-r7", "w4a4-qat", "w4a4-qat-kd", "ternary", "binary")
 PTQ_ARMS = ("int8-static", "int8-static-r7")
-TRAINED_ARMS = ("w4a4-qat", "ternary", "binary")
+TRAINED_ARMS = ("w4a4-qat", "w4a4-qat-kd", "ternary", "binary")
 TARGETS_PP = {
     "int8-static": 0.2,
     "int8-static-r7": 0.2,
     "w4a4-qat": 0.5,
+    "w4a4-qat-kd": 0.5,
 }  # largest accuracy loss allowed
 EDGE_LAYERS = ["conv1", "fc"]  # the first conv and the classifier
 
@@ -107,12 +111,14 @@ def stages(arm: str, settings: Settings) -> list[dict[str, Any]]:
     if arm in PTQ_ARMS:
         return [{"technique": "quant.int8_static", "n_samples": settings.calibration_images,
                  "reduce_range": arm == "int8-static-r7"}]  # fmt: skip
-    if arm == "w4a4-qat":
+    if arm in ("w4a4-qat", "w4a4-qat-kd"):
+        kd = [{"technique": "distill.kd"}] if arm == "w4a4-qat-kd" else []
         return [
             {"technique": "quant.qat", "method": "lsq", "weight_bits": 4,
              "activation_bits": 4, "ignore": EDGE_LAYERS},
             {"technique": "quant.qat", "method": "lsq", "weight_bits": 8,
              "activation_bits": 8, "targets": EDGE_LAYERS},
+            *kd,
             train,
         ]  # fmt: skip
     technique = {"ternary": "quant.ternary", "binary": "quant.binary"}[arm]
@@ -204,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms "
                    f"(default {','.join(ARMS)})")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="processes for the arms")
+    p.add_argument("--tag", help="suffix of the result name, for a run of some arms only "
+                   "(writes quant_cifar-TAG.*, leaving the full run's files alone)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -242,8 +250,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def result_name(args: argparse.Namespace) -> str:
-    """``quant_cifar`` with ``-quick`` / ``-val`` as the mode asks."""
-    return NAME + ("-quick" if args.quick else "") + ("-val" if args.val else "")
+    """``quant_cifar`` with ``-quick`` / ``-val`` as the mode asks and ``-TAG`` if given."""
+    mode = ("-quick" if args.quick else "") + ("-val" if args.val else "")
+    return NAME + mode + (f"-{args.tag}" if args.tag else "")
 
 
 def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
