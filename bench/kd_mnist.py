@@ -40,6 +40,7 @@ from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    BenchError,
     base_parser,
     data_dir,
     error_pct,
@@ -81,12 +82,14 @@ TUNING_NOTE = (
 
 @dataclass(frozen=True)
 class Student:
-    """One student arm: its hidden widths, the KD temperature, and whether its transfer set
-    (in both arms) is distorted like the teacher's training images."""
+    """One student arm: its hidden widths, the KD temperature, whether its transfer set (in
+    both arms) is distorted like the teacher's training images, and its epochs (None: the
+    ``student_train`` epochs)."""
 
     hidden: tuple[int, ...]
     temperature: float
     distorted: bool = False
+    epochs: int | None = None
 
 
 TARGET_STUDENT = "800-800 distorted"  # the arm the target is judged on (chosen on validation)
@@ -131,8 +134,10 @@ class Settings:
 
     def student_config(self, student: str) -> dict[str, Any]:
         """A student's ``train`` settings (the same in both arms)."""
-        extra = self.student_distortion if self.students[student].distorted else {}
-        return {**self.student_train, **extra}
+        arm = self.students[student]
+        extra = self.student_distortion if arm.distorted else {}
+        epochs = {} if arm.epochs is None else {"epochs": arm.epochs}
+        return {**self.student_train, **extra, **epochs}
 
     def quick(self) -> Settings:
         """The smoke-run version: 5,000 training images, one epoch per model."""
@@ -141,6 +146,7 @@ class Settings:
             train_samples=5_000,
             teacher_train={**self.teacher_train, "epochs": 1},
             student_train={**self.student_train, "epochs": 1},
+            students={k: replace(v, epochs=None) for k, v in self.students.items()},
         )
 
     def kd_recipe(self, student: str) -> mp.Recipe:
@@ -160,6 +166,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__, "mnist/", "(unused: no artifacts)", "initialisation and training")
     p.add_argument("--val", action="store_true", help="tuning run on a validation split carved "
                    "from the training set (test set untouched); writes *-val files")  # fmt: skip
+    p.add_argument("--students", help="comma-separated student arms to run (default: all; "
+                   f"{TARGET_STUDENT!r} must be among them)")  # fmt: skip
+    p.add_argument("--epochs", type=int, help="epochs of the target student's arms (default: "
+                   "its setting)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -348,6 +358,12 @@ def describe_augmentation(train: dict[str, Any]) -> str:
     return ", then ".join(parts) if parts else "none"
 
 
+def _own_epochs(students: dict[str, dict[str, Any]]) -> str:
+    """ ", except 800-800 distorted: 50" for the students with their own epochs, else ""."""
+    own = [f"{name}: {arm['epochs']}" for name, arm in students.items() if arm["epochs"]]
+    return f" (except {', '.join(own)})" if own else ""
+
+
 def _explanation(data: dict[str, Any]) -> str:
     s = data["settings"]
     tt, st = s["teacher_train"], s["student_train"]
@@ -364,7 +380,7 @@ def _explanation(data: dict[str, Any]) -> str:
         f"{describe_augmentation(s['teacher_distortion'])} (every pixel is shifted so the background "
         "is 0, as the padding is). Each "
         f"student starts from the same seeded weights in both arms and trains {st['epochs']} "
-        f"epochs ({st['optimizer']}, lr {st['lr']}, {st['schedule']}, batch {st['batch_size']}) "
+        f"epochs{_own_epochs(s['students'])} ({st['optimizer']}, lr {st['lr']}, {st['schedule']}, batch {st['batch_size']}) "
         "with no dropout, on the plain training images or, for the *distorted transfer set*, "
         f"on images {describe_augmentation(s['student_distortion'])} (the same batches in both "
         "arms): *alone* on the "
@@ -377,10 +393,31 @@ def _explanation(data: dict[str, Any]) -> str:
     )
 
 
+def select_students(settings: Settings, names: str | None, epochs: int | None) -> Settings:
+    """``settings`` with only the student arms in ``names`` and the target arm's epochs set.
+
+    Raises:
+        BenchError: an unknown arm, or the target arm left out.
+    """
+    students = dict(settings.students)
+    if names:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = sorted(set(chosen) - set(students))
+        if unknown or TARGET_STUDENT not in chosen:
+            raise BenchError(
+                f"--students {names!r}: choose among {sorted(students)} and keep {TARGET_STUDENT!r}"
+            )
+        students = {n: students[n] for n in chosen}
+    if epochs is not None:
+        students[TARGET_STUDENT] = replace(students[TARGET_STUDENT], epochs=epochs)
+    return replace(settings, students=students)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/kd_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
+    settings = select_students(settings, args.students, args.epochs)
     name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS})  # fmt: skip
