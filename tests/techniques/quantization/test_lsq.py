@@ -35,6 +35,24 @@ def test_lsq_gradients_match_the_paper_on_a_hand_example():
     assert v.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 0.0]
 
 
+@pytest.mark.parametrize("step_shape", [(), (4, 1)])
+def test_fused_lsq_matches_autograd_through_the_formula(step_shape):
+    # the reference: autograd through round_ste(clamp(v / s)) * s; LSQ scales d/ds by g
+    torch.manual_seed(0)
+    v = (torch.randn(4, 50) * 2).requires_grad_()
+    step = (torch.rand(step_shape) * 0.4 + 0.2).requires_grad_()
+    upstream = torch.randn(4, 50)
+    qn, qp, g = 8, 7, 0.01
+    lsq_quantize(v, step, qn, qp, g, "float32").mul(upstream).sum().backward()
+    v_ref, step_ref = v.detach().clone().requires_grad_(), step.detach().clone().requires_grad_()
+    ratio = torch.clamp(v_ref / step_ref, -qn, qp)
+    out = (ratio + (ratio.round() - ratio).detach()) * step_ref
+    out.mul(upstream).sum().backward()
+    assert torch.allclose(lsq_quantize(v, step, qn, qp, g, "float32"), out, atol=1e-6)
+    assert torch.allclose(v.grad, v_ref.grad, atol=1e-6)
+    assert torch.allclose(step.grad, g * step_ref.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_weight_quantizer_starts_at_the_papers_step_and_is_signed():
     torch.manual_seed(0)
     w = torch.randn(6, 20)

@@ -26,14 +26,15 @@ loads into a plain static input quantizer.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from modelpress.techniques.quantization.activation import InputQuantizer
-from modelpress.techniques.quantization.affine import _DTYPES, Granularity, _RoundSTE, qmax
+from modelpress.techniques.quantization.affine import _DTYPES, Granularity, qmax
 from modelpress.techniques.quantization.fake_quant import AffineCodec, AffineFakeQuant
-from modelpress.techniques.quantization.ste import on_dtype_grid, scale_grad
+from modelpress.techniques.quantization.ste import on_dtype_grid
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -77,8 +78,47 @@ def lsq_quantize(
         The quantized values, shaped like ``v``; gradients reach ``v`` (inside the range,
         straight through the rounding) and ``step`` (eq. 3 times ``g``).
     """
-    s = on_dtype_grid(scale_grad(step, grad_factor), scale_dtype)
-    return _RoundSTE.apply(torch.clamp(v / s, -qn, qp)) * s
+    return _LSQRound.apply(v, on_dtype_grid(step, scale_dtype), qn, qp, grad_factor)
+
+
+class _LSQRound(torch.autograd.Function):
+    """``round(clamp(v / s, -Qn, Qp)) * s`` and LSQ's gradients in one function.
+
+    Autograd through the composite expression keeps a node per operation and spends about a
+    dozen elementwise passes on the backward of every activation; here the backward is
+    ``inside = (v/s == clamp(v/s))``, ``grad_v = grad * inside`` and
+    ``grad_s = g * sum(grad * round(clamp(v/s)) - grad_v * v/s)`` (eq. 3 summed over the
+    values sharing ``s``), reduced to ``s``'s shape.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float
+    ) -> torch.Tensor:
+        ratio = v / s
+        codes = ratio.clamp(-qn, qp).round_()
+        ctx.save_for_backward(ratio, codes, s)
+        ctx.bounds, ctx.g = (qn, qp), g
+        return codes * s
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        ratio, codes, s = ctx.saved_tensors
+        qn, qp = ctx.bounds
+        inside = ratio.clamp(-qn, qp) == ratio
+        grad_v = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            inner = grad * inside if grad_v is None else grad_v
+            if s.numel() == 1:  # one step for the tensor: two dot products, no temporaries
+                flat = grad.reshape(-1)
+                total = flat.dot(codes.reshape(-1)) - inner.reshape(-1).dot(ratio.reshape(-1))
+                grad_s = (total * ctx.g).reshape(s.shape)
+            else:
+                grad_s = (grad * codes - inner * ratio).sum_to_size(s.shape) * ctx.g
+        return grad_v, grad_s, None, None, None
 
 
 class LSQWeightFakeQuant(AffineFakeQuant):

@@ -3,8 +3,6 @@
 Each is an autograd function whose forward does a non-differentiable (or deliberately
 re-scaled) operation and whose backward is chosen by the method it serves:
 
-* :func:`scale_grad` — identity forward, gradient times ``g`` (LSQ's step-size gradient
-  scale, Esser et al. 2020, section 2.2);
 * :func:`on_dtype_grid` — a scale rounded to its storage dtype (and kept positive) in the
   forward pass, identity backward, so the trained model computes with exactly the scale the
   artifact stores;
@@ -21,30 +19,6 @@ from typing import Any
 import torch
 
 from modelpress.techniques.quantization.affine import _DTYPES
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, g: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.g = g
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad * ctx.g, None
-
-
-def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
-    """``x`` unchanged; its gradient multiplied by ``g`` (LSQ's ``grad_scale``).
-
-    Args:
-        x: any tensor.
-        g: the gradient factor, e.g. ``1 / sqrt(N * Qp)``.
-
-    Returns:
-        A tensor equal to ``x``.
-    """
-    return _ScaleGrad.apply(x, g)
 
 
 class _OnDtypeGrid(torch.autograd.Function):
