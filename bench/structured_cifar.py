@@ -20,6 +20,9 @@ all start from the baseline and are fine-tuned with the same budget, loop
 * ``modelpress-l2`` -- the same with L2 filter norms (added after the first full run, whose
   L1 allocation kept layer 3 narrow where Torch-Pruning kept it wide; see bench/README.md);
 * ``modelpress-layer`` -- the same with ``scope: layer`` (uniform layer-wise);
+* ``modelpress-l2-kd`` -- ``modelpress-l2`` with ``distill.kd`` before ``train`` (the unpruned
+  baseline as the teacher, the technique's defaults: temperature 4, alpha 0.9), the prune ->
+  distill recipe;
 * ``torch-pruning``    -- Torch-Pruning's ``BasePruner`` (``MetaPruner``), group L1 magnitude,
   global, ``fc`` ignored, its ratio bisected until FLOPs <= 0.5 of the baseline's.
 
@@ -82,12 +85,13 @@ from _onnx import eager_and_ort_latency, exporter_name
 NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
-ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "torch-pruning")
-# arm -> (scope, importance) of prune.structured
+ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "modelpress-l2-kd", "torch-pruning")
+# arm -> (scope, importance) of prune.structured, and whether the fine-tune distills
 MODELPRESS_ARMS = {
-    "modelpress": ("global", "l1"),
-    "modelpress-l2": ("global", "l2"),
-    "modelpress-layer": ("layer", "l1"),
+    "modelpress": ("global", "l1", False),
+    "modelpress-l2": ("global", "l2", False),
+    "modelpress-layer": ("layer", "l1", False),
+    "modelpress-l2-kd": ("global", "l2", True),
 }
 INSTALL_HINT = "pip install -r bench/requirements.txt"
 
@@ -126,33 +130,38 @@ def structured_available() -> bool:
 
 
 def modelpress_recipe(
-    settings: Settings, scope: str, importance: str, finetune: bool = True
+    settings: Settings, scope: str, importance: str, finetune: bool = True, distill: bool = False
 ) -> mp.Recipe:
-    """``prune.structured`` (FLOPs target 0.5, ``scope``, ``importance``), then ``train``."""
+    """``prune.structured`` (FLOPs target 0.5, ``scope``, ``importance``), then ``train``
+    (after ``distill.kd`` from the unpruned model if ``distill``)."""
     prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance=importance, scope=scope)
     if settings.round_to > 1:
         prune["round_to"] = settings.round_to
     stages = [mp.Stage.of("prune.structured", **prune)]
+    if finetune and distill:
+        stages.append(mp.Stage.of("distill.kd"))
     if finetune:
         stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
+    kd = "-kd" if finetune and distill else ""
     return mp.Recipe(
-        stages=tuple(stages), name=f"structured-{scope}-{importance}-flops{FLOPS_KEEP}"
+        stages=tuple(stages), name=f"structured-{scope}-{importance}-flops{FLOPS_KEEP}{kd}"
     )
 
 
 def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scope: str,
-                   importance: str, seed: int, out: Path,
+                   importance: str, distill: bool, seed: int, out: Path,
                    ev: Evaluator) -> dict[str, Any]:  # fmt: skip
-    """``compress(baseline, [prune.structured, train])`` on the augmented batches; the model
-    is saved as an artifact and reloaded (the reloaded one is what gets measured)."""
-    recipe = modelpress_recipe(settings, scope, importance)
+    """``compress(baseline, [prune.structured, (distill.kd,) train])`` on the augmented
+    batches; the model is saved as an artifact and reloaded (the reloaded one is what gets
+    measured)."""
+    recipe = modelpress_recipe(settings, scope, importance, distill=distill)
     example = splits.eval_inputs[:1]
     batches = splits.batches(settings, seed)
     result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
                          example_inputs=example, seed=seed, latency_runs=0)  # fmt: skip
     path = result.save(out / "artifact")
     loaded = mp.load(path).eval()
-    prune_stage, train_stage = result.stages
+    prune_stage, train_stage = result.stages[0], result.stages[-1]
     cfg = settings.train_config("finetune")
     record = {
         "recipe": recipe.to_dict(),
@@ -168,7 +177,7 @@ def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scop
         "model_file": str(path),
         "model_format": "artifact",
     }  # fmt: skip
-    if settings.round_to > 1 and (scope, importance) == ("global", "l1"):  # without rounding
+    if settings.round_to > 1 and (scope, importance, distill) == ("global", "l1", False):
         plain = replace(settings, round_to=1)
         arch = mp.compress(baseline, modelpress_recipe(plain, scope, importance, finetune=False),
                            data=splits.batches(settings, seed), example_inputs=example,
@@ -293,9 +302,9 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
     if arm == "torch-pruning":
         record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
     else:
-        scope, importance = MODELPRESS_ARMS[arm]
-        record = run_modelpress(baseline, splits, settings, scope, importance, args.seed,
-                                work / arm, ev)  # fmt: skip
+        scope, importance, distill = MODELPRESS_ARMS[arm]
+        record = run_modelpress(baseline, splits, settings, scope, importance, distill,
+                                args.seed, work / arm, ev)  # fmt: skip
     record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
                "eval_images": ev.images}  # fmt: skip
     log(f"{arm}: {record['seconds']:.0f} s; {splits.split} accuracy after pruning "
