@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/kd_mnist.py            # the real benchmark (about 40 min on 1 thread)
+    python bench/kd_mnist.py            # the real benchmark (about 45 min on 1 thread)
     python bench/kd_mnist.py --quick    # smoke run: 5,000 images, 1 epoch each, "-quick" files
     python bench/kd_mnist.py --val      # tuning run: the test set is replaced by 5,000
                                         # images held out of the training set, "-val" files

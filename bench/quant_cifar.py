@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/quant_cifar.py            # the real benchmark (~60-80 min on 2 cores)
+    python bench/quant_cifar.py            # the real benchmark (~2.5 h on 2 cores)
     python bench/quant_cifar.py --quick    # smoke run: 1,024 training / 500 test images,
                                            # 1 epoch; writes "-quick" files
     python bench/quant_cifar.py --val      # tuning run on 5,000 held-out training images
