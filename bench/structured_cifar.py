@@ -137,12 +137,13 @@ def modelpress_recipe(
     prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance=importance, scope=scope)
     if settings.round_to > 1:
         prune["round_to"] = settings.round_to
+    distills = finetune and distill
     stages = [mp.Stage.of("prune.structured", **prune)]
-    if finetune and distill:
+    if distills:
         stages.append(mp.Stage.of("distill.kd"))
     if finetune:
         stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
-    kd = "-kd" if finetune and distill else ""
+    kd = "-kd" if distills else ""
     return mp.Recipe(
         stages=tuple(stages), name=f"structured-{scope}-{importance}-flops{FLOPS_KEEP}{kd}"
     )
