@@ -30,6 +30,7 @@ from modelpress.measure import (
     measure_latency,
     state_dict_bytes,
 )
+from modelpress.models.ensemble import as_teacher
 from modelpress.parametrizations import baked_copy
 from modelpress.recipe import Recipe, Stage
 from modelpress.registry import get_technique
@@ -101,12 +102,13 @@ def make_context(
     data: DataBundle | str | Iterable[Batch] | None,
     evaluate: Evaluate | None,
     example_inputs: Any,
-    teacher: nn.Module | None,
+    teacher: nn.Module | Sequence[nn.Module] | None,
     loss_fn: LossFn | None,
     seed: int,
     progress: bool,
 ) -> Context:
     """The stage context: data (a spec is loaded), default evaluator and example inputs."""
+    teacher = as_teacher(teacher)
     bundle = load_data(data) if isinstance(data, str) else data
     is_bundle = isinstance(bundle, DataBundle)
     ctx = Context(
@@ -135,7 +137,7 @@ def compress(
     data: DataBundle | str | Iterable[Batch] | None = None,
     evaluate: Evaluate | None = None,
     example_inputs: Any = None,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | Sequence[nn.Module] | None = None,
     loss_fn: LossFn | None = None,
     seed: int = 0,
     latency_runs: int = 20,
@@ -151,7 +153,9 @@ def compress(
         evaluate: ``evaluate(model) -> {"metric": value}`` on held-out data; defaults to
             top-1 accuracy on the bundle's test split.
         example_inputs: inputs for FLOPs and latency; defaults to one test sample.
-        teacher: the teacher for distillation; defaults to the original model.
+        teacher: the teacher for distillation; defaults to the original model. A list of
+            models is an ensemble teacher: the mean of their logits
+            (:class:`modelpress.models.ensemble.LogitEnsemble`).
         loss_fn: ``loss_fn(outputs, batch)`` for training; defaults to cross-entropy.
         seed: seeds everything random; the same seed gives the same artifact bytes.
         latency_runs: timed runs per latency measurement (0 skips latency).

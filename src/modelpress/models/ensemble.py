@@ -1,0 +1,79 @@
+"""Several trained models as one teacher: the mean of their logits.
+
+Hinton, Vinyals & Dean (2015) distil an ensemble into one network; :func:`modelpress.compress`
+takes ``teacher=[m1, m2, ...]`` and wraps the list in a :class:`LogitEnsemble`. Averaging
+logits makes the ensemble's softmax at any temperature ``T`` the renormalised geometric mean
+of the members' softmaxes at ``T`` (``softmax(mean_i z_i / T) ∝ prod_i softmax(z_i / T)^(1/K)``),
+so one set of averaged logits serves ``distill.kd`` at every temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.errors import ConfigError, UnsupportedModuleError
+
+
+class LogitEnsemble(nn.Module):
+    """Members run on the same inputs; the output is the mean of their logits.
+
+    Each member returns a tensor or an object with a ``logits`` tensor (a Hugging Face
+    output); all members' logits must have one shape. Member ``i``'s modules are named
+    ``members.i.<name>``, so hint distillation can pair layers with one member.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The mean over members of ``member(*args, **kwargs)``'s logits."""
+        logits = [_logits(member(*args, **kwargs), i) for i, member in enumerate(self.members)]
+        shapes = {tuple(z.shape) for z in logits}
+        if len(shapes) > 1:
+            raise UnsupportedModuleError(
+                f"ensemble teacher: its members return logits of different shapes "
+                f"{sorted(shapes)}; give members with one output shape."
+            )
+        return torch.stack(logits).mean(dim=0)
+
+
+def as_teacher(teacher: nn.Module | Sequence[nn.Module] | None) -> nn.Module | None:
+    """``teacher`` itself, or a :class:`LogitEnsemble` of it when it is a list or tuple.
+
+    The members are not changed: distillation runs the teacher frozen, in eval mode, and
+    restores every training flag afterwards.
+
+    Raises:
+        ConfigError: an empty sequence, or an item that is not an ``nn.Module``.
+    """
+    if teacher is None or isinstance(teacher, nn.Module):
+        return teacher
+    if not isinstance(teacher, (list, tuple)) or not teacher:
+        what = "an empty list" if isinstance(teacher, (list, tuple)) else type(teacher).__name__
+        raise ConfigError(
+            f"teacher= got {what}; pass a model or a non-empty list of models (an ensemble)."
+        )
+    for i, member in enumerate(teacher):
+        if not isinstance(member, nn.Module):
+            raise ConfigError(
+                f"teacher=[...] item {i} is a {type(member).__name__}, not an nn.Module; "
+                "pass trained models."
+            )
+    return LogitEnsemble(teacher)
+
+
+def _logits(outputs: Any, index: int) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    value = getattr(outputs, "logits", None)
+    if isinstance(value, torch.Tensor):
+        return value
+    raise UnsupportedModuleError(
+        f"ensemble teacher: member {index} returns {type(outputs).__name__}, not logits; "
+        "give members that return a tensor or an output with .logits."
+    )
