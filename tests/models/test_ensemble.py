@@ -87,11 +87,11 @@ def test_a_bad_teacher_argument_is_a_one_line_config_error(trained, teacher, mes
 
 
 def test_members_with_different_outputs_are_rejected():
-    class Pair(nn.Module):
+    class Words(nn.Module):
         def forward(self, x):
-            return x, x
+            return "no tensor"
 
-    with pytest.raises(UnsupportedModuleError, match="member 1 returns tuple"):
-        LogitEnsemble([Fixed(1.0), Pair()])(torch.ones(2, 3))
+    with pytest.raises(UnsupportedModuleError, match="member 1: the model returns str"):
+        LogitEnsemble([Fixed(1.0), Words()])(torch.ones(2, 3))
     with pytest.raises(UnsupportedModuleError, match="logits of different shapes"):
         LogitEnsemble([Fixed(1.0), nn.Linear(3, 4)])(torch.ones(2, 3))

@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from modelpress.errors import ConfigError, UnsupportedModuleError
+from modelpress.techniques.distillation.teacher import output_tensor
 
 
 class LogitEnsemble(nn.Module):
     """Members run on the same inputs; the output is the mean of their logits.
 
-    Each member returns a tensor or an object with a ``logits`` tensor (a Hugging Face
-    output); all members' logits must have one shape. Member ``i``'s modules are named
+    A member's logits are what distillation takes from any teacher (``output_tensor``:
+    ``.logits``, else ``.last_hidden_state``, else the tensor), so an ensemble of encoders
+    averages their hidden states; all members' outputs must have one shape. Member ``i``'s modules are named
     ``members.i.<name>``, so hint distillation can pair layers with one member.
     """
 
@@ -32,7 +34,10 @@ class LogitEnsemble(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The mean over members of ``member(*args, **kwargs)``'s logits."""
-        logits = [_logits(member(*args, **kwargs), i) for i, member in enumerate(self.members)]
+        logits = [
+            output_tensor(member(*args, **kwargs), f"ensemble teacher member {i}")
+            for i, member in enumerate(self.members)
+        ]
         shapes = {tuple(z.shape) for z in logits}
         if len(shapes) > 1:
             raise UnsupportedModuleError(
@@ -65,15 +70,3 @@ def as_teacher(teacher: nn.Module | Sequence[nn.Module] | None) -> nn.Module | N
                 "pass trained models."
             )
     return LogitEnsemble(teacher)
-
-
-def _logits(outputs: Any, index: int) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    value = getattr(outputs, "logits", None)
-    if isinstance(value, torch.Tensor):
-        return value
-    raise UnsupportedModuleError(
-        f"ensemble teacher: member {index} returns {type(outputs).__name__}, not logits; "
-        "give members that return a tensor or an output with .logits."
-    )
