@@ -30,11 +30,11 @@ from modelpress.measure import (
     measure_latency,
     state_dict_bytes,
 )
-from modelpress.models.ensemble import as_teacher
 from modelpress.parametrizations import baked_copy
 from modelpress.recipe import Recipe, Stage
 from modelpress.registry import get_technique
 from modelpress.result import Result, StageRecord
+from modelpress.techniques.distillation.ensemble import as_teacher
 
 
 def _as_recipe(recipe: Recipe | str | Sequence[Stage | dict[str, Any]]) -> Recipe:
@@ -155,7 +155,7 @@ def compress(
         example_inputs: inputs for FLOPs and latency; defaults to one test sample.
         teacher: the teacher for distillation; defaults to the original model. A list of
             models is an ensemble teacher: the mean of their logits
-            (:class:`modelpress.models.ensemble.LogitEnsemble`).
+            (:class:`modelpress.techniques.distillation.ensemble.LogitEnsemble`).
         loss_fn: ``loss_fn(outputs, batch)`` for training; defaults to cross-entropy.
         seed: seeds everything random; the same seed gives the same artifact bytes.
         latency_runs: timed runs per latency measurement (0 skips latency).

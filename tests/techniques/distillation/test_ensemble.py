@@ -12,7 +12,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.errors import ConfigError, UnsupportedModuleError
-from modelpress.models.ensemble import LogitEnsemble, as_teacher
+from modelpress.techniques.distillation.ensemble import LogitEnsemble, as_teacher
 
 
 class Fixed(nn.Module):

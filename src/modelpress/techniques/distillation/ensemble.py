@@ -24,8 +24,9 @@ class LogitEnsemble(nn.Module):
 
     A member's logits are what distillation takes from any teacher (``output_tensor``:
     ``.logits``, else ``.last_hidden_state``, else the tensor), so an ensemble of encoders
-    averages their hidden states; all members' outputs must have one shape. Member ``i``'s modules are named
-    ``members.i.<name>``, so hint distillation can pair layers with one member.
+    averages their hidden states; all members' outputs must have one shape. Member ``i``'s
+    modules are named ``members.i.<name>``, so hint distillation can pair layers with one
+    member.
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
