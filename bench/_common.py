@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +314,16 @@ def interleaved_latency(
             f"b{batch}_max_round_ms": float(t.max()),
         }
     return out
+
+
+def in_processes(
+    fn: Callable[..., Any], keys: Sequence[Hashable], *args: Any, jobs: int
+) -> dict[Any, Any]:
+    """``{k: fn(k, *args) for k in keys}``, in ``jobs`` spawned processes (each with a fresh
+    torch state; ``fn`` sets its own threads and seeds) when ``jobs`` > 1 and there is more than
+    one key, else in this process. Work is submitted in the order of ``keys``."""
+    if jobs == 1 or len(keys) == 1:
+        return {k: fn(k, *args) for k in keys}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {k: pool.submit(fn, k, *args) for k in keys}
+        return {k: futures[k].result() for k in keys}

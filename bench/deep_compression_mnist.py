@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    in_processes,
     log,
     main_guard,
     markdown_table,
@@ -242,13 +241,7 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
     """The whole benchmark; returns the JSON-ready results."""
     t0 = time.perf_counter()
     work = args.work / name
-    if args.jobs > 1 and len(args.nets) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-            futures = {k: pool.submit(run_net, k, args, settings, work) for k in args.nets}
-            nets = {k: futures[k].result() for k in args.nets}
-    else:
-        nets = {k: run_net(k, args, settings, work) for k in args.nets}
+    nets = in_processes(run_net, args.nets, args, settings, work, jobs=args.jobs)
     return {"benchmark": NAME, "mode": "quick" if args.quick else "full",
             "evaluation_split": "validation (held-out training images)" if args.val else "test",
             "target": {"ratio": TARGET_RATIO, "error_pp": TARGET_ERROR_PP,

@@ -25,10 +25,8 @@ MNIST test images (never used for training or choices), training seconds, parame
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from torch.utils.data import TensorDataset
 
 import modelpress as mp
 from modelpress.measure import count_params, state_dict_bytes
-from modelpress.models.ensemble import LogitEnsemble
+from modelpress.techniques.distillation.ensemble import LogitEnsemble
 from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +46,7 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    in_processes,
     log,
     main_guard,
     markdown_table,
@@ -242,7 +241,7 @@ def teacher_seed(seed: int, member: int) -> int:
     return seed + 1000 * member
 
 
-def train_teacher(args: argparse.Namespace, s: Settings, member: int) -> dict[str, Any]:
+def train_teacher(member: int, args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     """One 1200-1200 teacher (dropout, distorted inputs): its record and ``state_dict``."""
     bundle = load_bundle(args, s)
     seed = teacher_seed(args.seed, member)
@@ -266,9 +265,10 @@ def teachers_from(bundle: mp.DataBundle, s: Settings, states: list[dict]) -> lis
 
 
 def train_student(
-    args: argparse.Namespace, s: Settings, name: str, arm: str, teacher_states: list[dict]
+    key: tuple[str, str], args: argparse.Namespace, s: Settings, teacher_states: list[dict]
 ) -> dict[str, Any]:
-    """One student arm (``alone`` or ``kd``) from the seeded initial weights of its size."""
+    """One student arm ``(name, "alone" or "kd")`` from the seeded initial weights of its size."""
+    name, arm = key
     bundle = load_bundle(args, s)
     student = s.students[name]
     init = new_mlp(bundle, student.hidden, 0.0, args.seed + 1)
@@ -285,15 +285,6 @@ def train_student(
                      "temperature": student.temperature}  # fmt: skip
 
 
-def in_processes(jobs: int, calls: list[tuple[Any, ...]]) -> list[Any]:
-    """``[fn(*rest) for fn, *rest in calls]``, in ``jobs`` spawned processes when ``jobs`` > 1."""
-    if jobs == 1 or len(calls) == 1:
-        return [fn(*rest) for fn, *rest in calls]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(*call) for call in calls]
-        return [f.result() for f in futures]
-
-
 def gap_closed(alone: int, kd: int, teacher: int) -> float | None:
     """The fraction of the student-teacher error gap that KD closes (None: no gap)."""
     return (alone - kd) / (alone - teacher) if alone > teacher else None
@@ -305,20 +296,18 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     bundle = load_bundle(args, settings)
     split = "val" if args.val else "test"
     log(f"data: {bundle.spec}: {len(bundle.train)} train / {len(bundle.test)} evaluation images")
-    members = in_processes(args.jobs, [(train_teacher, args, settings, m)
-                                       for m in range(settings.teacher_members)])  # fmt: skip
+    members = list(in_processes(train_teacher, range(settings.teacher_members), args, settings,
+                                jobs=args.jobs).values())  # fmt: skip
     states = [m.pop("state_dict") for m in members]
-    teachers = teachers_from(bundle, settings, states)
-    teacher = teachers[0] if len(teachers) == 1 else LogitEnsemble(teachers)
+    teacher = LogitEnsemble(teachers_from(bundle, settings, states))
     t_rec = scored(teacher, bundle, sum(m["train_seconds"] for m in members))
     t_rec["members"] = members
     log(f"teacher ({len(members)} members): {t_rec['test_errors']} {split} errors")
     arms = [(name, arm) for name in settings.students for arm in ("alone", "kd")]
-    records = in_processes(args.jobs, [(train_student, args, settings, name, arm, states)
-                                       for name, arm in arms])  # fmt: skip
+    records = in_processes(train_student, arms, args, settings, states, jobs=args.jobs)
     students = {}
     for name in settings.students:
-        alone, kd = (records[arms.index((name, arm))] for arm in ("alone", "kd"))
+        alone, kd = records[name, "alone"], records[name, "kd"]
         student = settings.students[name]
         students[name] = {
             "hidden": list(student.hidden), "distorted": student.distorted, "alone": alone,

@@ -33,10 +33,8 @@ factorized model **faster than the baseline** in each runtime (speedup > 1 at bo
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,7 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    in_processes,
     log,
     main_guard,
     markdown_table,
@@ -162,14 +161,8 @@ def run_arms(arms: list[str], args: argparse.Namespace, settings: Settings, base
              ratio: float, work: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Every arm, in ``--jobs`` spawned processes, the longest first."""
     order = [a for a in LONGEST_FIRST if a in arms]
-    if args.jobs == 1 or len(order) == 1:
-        done = {a: run_arm(a, args, settings, baseline_path, ratio, work) for a in order}
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = {a: pool.submit(run_arm, a, args, settings, baseline_path, ratio, work)
-                       for a in order}  # fmt: skip
-            done = {a: futures[a].result() for a in order}
+    done = in_processes(run_arm, order, args, settings, baseline_path, ratio, work,
+                        jobs=args.jobs)  # fmt: skip
     return {a: done[a] for a in arms}
 
 

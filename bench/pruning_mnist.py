@@ -27,10 +27,8 @@ Target: >= 15x fewer nonzeros at <= 0.1 percentage points more test error, for b
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    in_processes,
     interleaved_latency,
     log,
     main_guard,
@@ -320,13 +319,8 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
     t0 = time.perf_counter()
     data_dir(args.data, require="mnist")  # fail early, in this process
     keys = list(settings.nets)
-    if args.jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = {k: pool.submit(run_net, k, args, settings, name) for k in reversed(keys)}
-            nets = {k: futures[k].result() for k in keys}
-    else:
-        nets = {k: run_net(k, args, settings, name) for k in keys}
+    done = in_processes(run_net, keys[::-1], args, settings, name, jobs=args.jobs)
+    nets = {k: done[k] for k in keys}
 
     # latency last, after all training, in this process: baseline vs reloaded headline variants
     log("latency ...")

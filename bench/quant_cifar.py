@@ -37,10 +37,8 @@ ternary and binary reported.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +63,7 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    in_processes,
     interleaved_latency,
     log,
     main_guard,
@@ -171,12 +170,7 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
 def run_arms(arms: list[str], args: argparse.Namespace, settings: Settings, baseline_path: str,
              work: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Every arm, in ``--jobs`` spawned processes (fresh torch state each)."""
-    if args.jobs == 1:
-        return {a: run_arm(a, args, settings, baseline_path, work) for a in arms}
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = {a: pool.submit(run_arm, a, args, settings, baseline_path, work) for a in arms}
-        return {a: futures[a].result() for a in arms}
+    return in_processes(run_arm, arms, args, settings, baseline_path, work, jobs=args.jobs)
 
 
 def latency(baseline: nn.Module, int8_paths: dict[str, str], splits: Splits,

@@ -24,10 +24,8 @@ distillation is its natural lever.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    in_processes,
     log,
     main_guard,
     markdown_table,
@@ -175,13 +174,7 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
     t0 = time.perf_counter()
     work = args.work / name
     base = train_baseline(args, settings, work)
-    if args.jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-            futures = {a: pool.submit(run_arm, a, args, settings, base, work) for a in ARMS}
-            arms = {a: futures[a].result() for a in ARMS}
-    else:
-        arms = {a: run_arm(a, args, settings, base, work) for a in ARMS}
+    arms = in_processes(run_arm, ARMS, args, settings, base, work, jobs=args.jobs)
     return {"benchmark": NAME, "mode": "quick" if args.quick else "full",
             "evaluation_split": "validation (held-out training images)" if args.val else "test",
             "settings": asdict(settings), "baseline": base, "arms": arms,

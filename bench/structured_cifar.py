@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import multiprocessing
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +71,7 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    in_processes,
     log,
     main_guard,
     markdown_table,
@@ -377,12 +376,7 @@ def check_arms(arms: list[str]) -> tuple[list[str], dict[str, str]]:
 def run_arms(arms: list[str], args: argparse.Namespace, settings: Settings, baseline_path: str,
              work: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Every arm, one after another or in ``--jobs`` processes (spawned: fresh torch state)."""
-    if args.jobs == 1 or len(arms) == 1:
-        return {a: run_arm(a, args, settings, baseline_path, work) for a in arms}
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = {a: pool.submit(run_arm, a, args, settings, baseline_path, work) for a in arms}
-        return {a: futures[a].result() for a in arms}
+    return in_processes(run_arm, arms, args, settings, baseline_path, work, jobs=args.jobs)
 
 
 def measure_models(
