@@ -84,13 +84,17 @@ from _onnx import eager_and_ort_latency, exporter_name
 NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
-ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "modelpress-l2-kd", "torch-pruning")
-# arm -> (scope, importance) of prune.structured, and whether the fine-tune distills
-MODELPRESS_ARMS = {
-    "modelpress": ("global", "l1", False),
-    "modelpress-l2": ("global", "l2", False),
-    "modelpress-layer": ("layer", "l1", False),
-    "modelpress-l2-kd": ("global", "l2", True),
+ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "modelpress-l2-kd",
+        "modelpress-l2-perflop", "modelpress-l2-perflop-kd", "torch-pruning")  # fmt: skip
+# arm -> the options of prune.structured, and whether the fine-tune distills
+L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
+MODELPRESS_ARMS: dict[str, tuple[dict[str, Any], bool]] = {
+    "modelpress": ({"scope": "global", "importance": "l1"}, False),
+    "modelpress-l2": (L2, False),
+    "modelpress-layer": ({"scope": "layer", "importance": "l1"}, False),
+    "modelpress-l2-kd": (L2, True),
+    "modelpress-l2-perflop": (L2 | PER_FLOP, False),
+    "modelpress-l2-perflop-kd": (L2 | PER_FLOP, True),
 }
 INSTALL_HINT = "pip install -r bench/requirements.txt"
 
@@ -129,11 +133,11 @@ def structured_available() -> bool:
 
 
 def modelpress_recipe(
-    settings: Settings, scope: str, importance: str, finetune: bool = True, distill: bool = False
+    settings: Settings, options: dict[str, Any], finetune: bool = True, distill: bool = False
 ) -> mp.Recipe:
-    """``prune.structured`` (FLOPs target 0.5, ``scope``, ``importance``), then ``train``
-    (after ``distill.kd`` from the unpruned model if ``distill``)."""
-    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, importance=importance, scope=scope)
+    """``prune.structured`` (FLOPs target 0.5 and ``options``), then ``train`` (after
+    ``distill.kd`` from the unpruned model if ``distill``)."""
+    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, **options)
     if settings.round_to > 1:
         prune["round_to"] = settings.round_to
     distills = finetune and distill
@@ -142,19 +146,19 @@ def modelpress_recipe(
         stages.append(mp.Stage.of("distill.kd"))
     if finetune:
         stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
+    ranking = "-perflop" if options.get("flops_aware") else ""
     kd = "-kd" if distills else ""
-    return mp.Recipe(
-        stages=tuple(stages), name=f"structured-{scope}-{importance}-flops{FLOPS_KEEP}{kd}"
-    )
+    name = f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}{kd}"
+    return mp.Recipe(stages=tuple(stages), name=name)
 
 
-def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scope: str,
-                   importance: str, distill: bool, seed: int, out: Path,
-                   ev: Evaluator) -> dict[str, Any]:  # fmt: skip
+def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, arm: str, seed: int,
+                   out: Path, ev: Evaluator) -> dict[str, Any]:  # fmt: skip
     """``compress(baseline, [prune.structured, (distill.kd,) train])`` on the augmented
     batches; the model is saved as an artifact and reloaded (the reloaded one is what gets
     measured)."""
-    recipe = modelpress_recipe(settings, scope, importance, distill=distill)
+    options, distill = MODELPRESS_ARMS[arm]
+    recipe = modelpress_recipe(settings, options, distill=distill)
     example = splits.eval_inputs[:1]
     batches = splits.batches(settings, seed)
     result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
@@ -177,9 +181,9 @@ def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, scop
         "model_file": str(path),
         "model_format": "artifact",
     }  # fmt: skip
-    if settings.round_to > 1 and (scope, importance, distill) == ("global", "l1", False):
+    if settings.round_to > 1 and arm == "modelpress":
         plain = replace(settings, round_to=1)
-        arch = mp.compress(baseline, modelpress_recipe(plain, scope, importance, finetune=False),
+        arch = mp.compress(baseline, modelpress_recipe(plain, options, finetune=False),
                            data=splits.batches(settings, seed), example_inputs=example,
                            seed=seed, latency_runs=0)  # fmt: skip
         record["unrounded_file"] = str(arch.save(out / "unrounded"))
@@ -302,9 +306,7 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
     if arm == "torch-pruning":
         record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
     else:
-        scope, importance, distill = MODELPRESS_ARMS[arm]
-        record = run_modelpress(baseline, splits, settings, scope, importance, distill,
-                                args.seed, work / arm, ev)  # fmt: skip
+        record = run_modelpress(baseline, splits, settings, arm, args.seed, work / arm, ev)
     record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
                "eval_images": ev.images}  # fmt: skip
     log(f"{arm}: {record['seconds']:.0f} s; {splits.split} accuracy after pruning "

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import modelpress as mp
+from modelpress.config import parse_config
 from modelpress.context import Context
-from modelpress.errors import DataError, UnsupportedModuleError
+from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure.flops import count_flops
 from modelpress.models.source import ModelSource, tag_source
 from modelpress.techniques.pruning.structured.apply import (
@@ -20,6 +21,7 @@ from modelpress.techniques.pruning.structured.apply import (
 )
 from modelpress.techniques.pruning.structured.graph import Group, build_graph
 from modelpress.techniques.pruning.structured.importance import taylor_scores
+from modelpress.techniques.pruning.structured.plan import channel_costs, layer_flops
 
 
 class Residual(nn.Module):
@@ -356,6 +358,51 @@ def test_global_flops_target_is_met(importance):
     kept = count_flops(pruned, x) / count_flops(model, x)
     assert 0.45 < kept <= 0.5
     assert ctx.reports["flops_kept_predicted"] == pytest.approx(kept, abs=0.01)
+
+
+def _resnet_group(groups, conv: str):
+    return next(i for i, g in enumerate(groups) if any(m.module == conv for m in g.producers))
+
+
+def test_channel_costs_are_the_flops_one_channel_saves():
+    model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
+    ctx = Context(example_inputs=torch.randn(1, 3, 32, 32))
+    groups = build_graph(model, ctx.example_inputs).groups()
+    costs = channel_costs(
+        groups, layer_flops(model, ctx), float(count_flops(model, ctx.example_inputs))
+    )
+    # a block's inner channel: conv1's filter and conv2's input slice, 2·C·9·H·W each
+    stage1 = costs[_resnet_group(groups, "layer1.0.conv1")]
+    stage3 = costs[_resnet_group(groups, "layer3.1.conv1")]
+    assert stage1 / stage3 == pytest.approx((16 * 32 * 32) / (64 * 8 * 8))
+    assert sum(costs) / len(costs) == pytest.approx(1.0)
+
+
+def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_flops_aware_ranking_spends_the_budget_on_cheap_channels():
+    model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    kept = {}
+    for aware in (False, True):
+        pruned = copy.deepcopy(model)
+        cfg = StructuredConfig(flops_target=0.5, scope="global", importance="l2", flops_aware=aware)
+        apply_structured(pruned, cfg, Context(example_inputs=x))
+        assert count_flops(pruned, x) / count_flops(model, x) <= 0.5
+        kept[aware] = [
+            sum(m.out_channels for n, m in _convs(pruned) if n.startswith(f"layer{s}."))
+            for s in (1, 2, 3)
+        ]
+    assert kept[True][0] < kept[False][0]  # costly 32×32 channels go first
+    assert kept[True][2] > kept[False][2]  # cheap 8×8 channels stay
+
+
+def test_flops_aware_needs_a_global_flops_target():
+    for params in ({"flops_aware": True}, {"flops_aware": True, "flops_target": 0.5}):
+        with pytest.raises(ConfigError, match="flops_aware ranks channels against a FLOPs budget"):
+            parse_config(StructuredConfig, params, owner="prune.structured")
 
 
 def test_round_to_keeps_simd_widths_and_refills_the_flops_budget():

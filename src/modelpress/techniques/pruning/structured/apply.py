@@ -13,7 +13,7 @@ from itertools import islice
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from modelpress.config import LayerFractions, TargetedConfig
@@ -27,6 +27,7 @@ from modelpress.techniques.pruning.structured.importance import group_scores
 from modelpress.techniques.pruning.structured.plan import (
     Counts,
     build_plan,
+    channel_costs,
     global_counts,
     kept_channels,
     layer_counts,
@@ -63,8 +64,22 @@ class StructuredConfig(TargetedConfig):
         0.9, gt=0, lt=1, description="The most any one group may lose (global and FLOPs)."
     )
     round_to: int = Field(1, ge=1, description="Kept channels per group: a multiple of this.")
+    flops_aware: bool = Field(
+        False,
+        description="Global FLOPs target: rank channels by importance per FLOP they cost "
+        "(greedy knapsack), so costly high-resolution channels go first.",
+    )
     n_batches: int = Field(8, ge=1, description="Labelled batches for Taylor importance.")
     batch_size: int = Field(32, ge=1, description="Batch size for Taylor importance.")
+
+    @model_validator(mode="after")
+    def _flops_aware_needs_a_global_flops_target(self) -> StructuredConfig:
+        if self.flops_aware and (self.flops_target is None or self.scope != "global"):
+            raise ValueError(
+                "flops_aware ranks channels against a FLOPs budget: set flops_target and "
+                "scope: global, or drop flops_aware"
+            )
+        return self
 
 
 def find_groups(model: nn.Module, ctx: Context) -> tuple[list[Group], dict[int, str]]:
@@ -109,7 +124,11 @@ def _override(cfg: StructuredConfig, modules: dict[str, nn.Module], group: Group
 
 
 def _counts(
-    cfg: StructuredConfig, sparsity: float, scores: list[torch.Tensor], fixed: list[float | None]
+    cfg: StructuredConfig,
+    sparsity: float,
+    scores: list[torch.Tensor],
+    fixed: list[float | None],
+    costs: list[float] | None = None,
 ) -> Counts:
     sizes = [len(s) for s in scores]
     if cfg.scope == "layer":
@@ -117,7 +136,8 @@ def _counts(
         counts = layer_counts(sizes, fractions, cfg.max_sparsity)
     else:
         free = [i for i, f in enumerate(fixed) if f is None]
-        pooled = global_counts([scores[i] for i in free], sparsity, cfg.max_sparsity)
+        free_costs = None if costs is None else [costs[i] for i in free]
+        pooled = global_counts([scores[i] for i in free], sparsity, cfg.max_sparsity, free_costs)
         own = layer_counts(sizes, [f or 0.0 for f in fixed], cfg.max_sparsity)
         counts = list(own)
         for i, c in zip(free, pooled, strict=True):
@@ -139,12 +159,13 @@ def _counts_for_flops(
     flops = layer_flops(model, ctx)
     total = float(count_flops(model, ctx.example_inputs))
     budget = cfg.flops_target * total
+    costs = channel_costs(groups, flops, total) if cfg.flops_aware else None
 
     def predict(counts: Counts) -> float:
         return predicted_flops(groups, counts, flops, total)
 
     def fits(s: float) -> tuple[bool, Counts, float]:
-        counts = _counts(cfg, s, scores, fixed)
+        counts = _counts(cfg, s, scores, fixed, costs)
         f = predict(counts)
         return f <= budget, counts, f
 
@@ -165,7 +186,7 @@ def _counts_for_flops(
             lo = mid
     if cfg.scope == "global":
         frozen = [f is not None for f in fixed]
-        best = refill(best, scores, cfg.round_to, lambda c: predict(c) <= budget, frozen)
+        best = refill(best, scores, cfg.round_to, lambda c: predict(c) <= budget, frozen, costs)
     return best, predict(best) / total
 
 
