@@ -85,16 +85,31 @@ NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
 ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "modelpress-l2-kd",
-        "modelpress-l2-perflop", "modelpress-l2-perflop-kd", "torch-pruning")  # fmt: skip
-# arm -> the options of prune.structured, and whether the fine-tune distills
+        "modelpress-l2-perflop", "modelpress-l2-perflop-kd", "modelpress-l2-iter",
+        "modelpress-l2-iter-kd", "torch-pruning")  # fmt: skip
+ITER_STEPS = 3  # the -iter arms prune in this many steps, each followed by its share of epochs
+
+
+@dataclass(frozen=True)
+class ModelpressArm:
+    """A modelpress arm: the options of ``prune.structured``, whether each fine-tune distills,
+    and in how many prune + fine-tune steps the FLOPs target is reached."""
+
+    options: dict[str, Any]
+    distill: bool = False
+    steps: int = 1
+
+
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
-MODELPRESS_ARMS: dict[str, tuple[dict[str, Any], bool]] = {
-    "modelpress": ({"scope": "global", "importance": "l1"}, False),
-    "modelpress-l2": (L2, False),
-    "modelpress-layer": ({"scope": "layer", "importance": "l1"}, False),
-    "modelpress-l2-kd": (L2, True),
-    "modelpress-l2-perflop": (L2 | PER_FLOP, False),
-    "modelpress-l2-perflop-kd": (L2 | PER_FLOP, True),
+MODELPRESS_ARMS = {
+    "modelpress": ModelpressArm({"scope": "global", "importance": "l1"}),
+    "modelpress-l2": ModelpressArm(L2),
+    "modelpress-layer": ModelpressArm({"scope": "layer", "importance": "l1"}),
+    "modelpress-l2-kd": ModelpressArm(L2, distill=True),
+    "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
+    "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
+    "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
+    "modelpress-l2-iter-kd": ModelpressArm(L2, distill=True, steps=ITER_STEPS),
 }
 INSTALL_HINT = "pip install -r bench/requirements.txt"
 
@@ -132,23 +147,35 @@ def structured_available() -> bool:
     return "prune.structured" in technique_names()
 
 
-def modelpress_recipe(
-    settings: Settings, options: dict[str, Any], finetune: bool = True, distill: bool = False
-) -> mp.Recipe:
-    """``prune.structured`` (FLOPs target 0.5 and ``options``), then ``train`` (after
-    ``distill.kd`` from the unpruned model if ``distill``)."""
-    prune: dict[str, Any] = dict(flops_target=FLOPS_KEEP, **options)
-    if settings.round_to > 1:
-        prune["round_to"] = settings.round_to
-    distills = finetune and distill
-    stages = [mp.Stage.of("prune.structured", **prune)]
-    if distills:
-        stages.append(mp.Stage.of("distill.kd"))
-    if finetune:
-        stages.append(mp.Stage.of("train", **settings.train_config("finetune")))
+def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = True) -> mp.Recipe:
+    """``arm.steps`` times: ``prune.structured`` (``arm.options``; step i of k keeps
+    1 − i·(1 − FLOPS_KEEP)/k of the original FLOPs, so FLOPS_KEEP at the end), then ``train``
+    for 1/k of the fine-tune epochs (after ``distill.kd`` from the unpruned model if
+    ``arm.distill``)."""
+    train = settings.train_config("finetune")
+    if train["epochs"] % arm.steps:
+        raise BenchError(f"{train['epochs']} fine-tune epochs do not split into {arm.steps} "
+                         f"pruning steps; pass --epochs as a multiple of {arm.steps}")  # fmt: skip
+    train["epochs"] //= arm.steps
+    distills = finetune and arm.distill
+    stages = []
+    for i in range(1, arm.steps + 1):
+        prune: dict[str, Any] = dict(flops_target=1 - i * (1 - FLOPS_KEEP) / arm.steps)
+        if arm.steps > 1:
+            prune["flops_of"] = "original"
+        if settings.round_to > 1:
+            prune["round_to"] = settings.round_to
+        stages.append(mp.Stage.of("prune.structured", **prune, **arm.options))
+        if distills:
+            stages.append(mp.Stage.of("distill.kd"))
+        if finetune:
+            stages.append(mp.Stage.of("train", **train))
+    options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
+    steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
     kd = "-kd" if distills else ""
-    name = f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}{kd}"
+    name = (f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}"
+            f"{steps}{kd}")  # fmt: skip
     return mp.Recipe(stages=tuple(stages), name=name)
 
 
@@ -157,23 +184,24 @@ def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, arm:
     """``compress(baseline, [prune.structured, (distill.kd,) train])`` on the augmented
     batches; the model is saved as an artifact and reloaded (the reloaded one is what gets
     measured)."""
-    options, distill = MODELPRESS_ARMS[arm]
-    recipe = modelpress_recipe(settings, options, distill=distill)
+    recipe = modelpress_recipe(settings, MODELPRESS_ARMS[arm])
     example = splits.eval_inputs[:1]
     batches = splits.batches(settings, seed)
     result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
                          example_inputs=example, seed=seed, latency_runs=0)  # fmt: skip
     path = result.save(out / "artifact")
     loaded = mp.load(path).eval()
-    prune_stage, train_stage = result.stages[0], result.stages[-1]
+    prune_stage = result.stages[0]
+    trains = [s for s in result.stages if s.technique == "train"]
     cfg = settings.train_config("finetune")
     record = {
         "recipe": recipe.to_dict(),
         "pruned_correct": round(prune_stage.metrics["eval"]["accuracy"] * ev.n),
         "prune_seconds": prune_stage.seconds,
         "learned": prune_stage.learned,
-        "train": train_record(cfg, train_stage.seconds, train_stage.learned["steps"],
-                              train_stage.learned["final_loss"], batches),
+        "train": train_record(cfg, sum(t.seconds for t in trains),
+                              sum(t.learned["steps"] for t in trains),
+                              trains[-1].learned["final_loss"], batches),
         "correct": ev.correct(loaded),
         "in_memory_correct": round(result.final["eval"]["accuracy"] * ev.n),  # == correct?
         "artifact": str(path),
@@ -183,7 +211,7 @@ def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, arm:
     }  # fmt: skip
     if settings.round_to > 1 and arm == "modelpress":
         plain = replace(settings, round_to=1)
-        arch = mp.compress(baseline, modelpress_recipe(plain, options, finetune=False),
+        arch = mp.compress(baseline, modelpress_recipe(plain, MODELPRESS_ARMS[arm], finetune=False),
                            data=splits.batches(settings, seed), example_inputs=example,
                            seed=seed, latency_runs=0)  # fmt: skip
         record["unrounded_file"] = str(arch.save(out / "unrounded"))

@@ -67,6 +67,7 @@ class Context:
         batches: any re-iterable of batches (e.g. a DataLoader), when given directly.
         example_inputs: one batch of inputs, for FLOPs and latency.
         teacher: the original model (frozen), or another teacher.
+        original: the pipeline's input model, before any stage (never changed).
         evaluate: ``evaluate(model) -> {"accuracy": ...}`` on held-out data.
         seed: the run's seed; :meth:`generator` derives seeded generators from it.
         progress: show progress bars.
@@ -80,6 +81,7 @@ class Context:
     batches: Iterable[Batch] | None = None
     example_inputs: Any = None
     teacher: nn.Module | None = None
+    original: nn.Module | None = None
     evaluate: Evaluate | None = None
     seed: int = 0
     progress: bool = False

@@ -115,6 +115,7 @@ def make_context(
         data=bundle if is_bundle else None,
         batches=None if is_bundle else bundle,
         teacher=teacher if teacher is not None else model,
+        original=model,
         evaluate=evaluate,
         example_inputs=example_inputs,
         seed=seed,

@@ -405,6 +405,31 @@ def test_flops_aware_needs_a_global_flops_target():
             parse_config(StructuredConfig, params, owner="prune.structured")
 
 
+def test_iterative_steps_reach_a_fraction_of_the_original_flops():
+    model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    steps = [
+        {
+            "technique": "prune.structured",
+            "flops_target": f,
+            "flops_of": "original",
+            "scope": "global",
+        }
+        for f in (0.8, 0.65, 0.5)
+    ]
+    result = mp.compress(model, steps, example_inputs=x, evaluate=lambda m: {}, latency_runs=0)
+    kept = [r.learned["flops_kept_predicted"] for r in result.stages]
+    assert kept[0] <= 0.8 and kept[1] <= 0.65 and kept[2] <= 0.5
+    assert 0.48 < count_flops(result.model, x) / count_flops(model, x) <= 0.5
+
+
+def test_flops_of_original_needs_the_pipeline():
+    model = mp.load_model("zoo:mlp", input_shape=[1, 8, 8], num_classes=10)
+    cfg = StructuredConfig(flops_target=0.5, flops_of="original")
+    with pytest.raises(ConfigError, match="flops_of 'original' needs the pipeline's original"):
+        apply_structured(model, cfg, Context(example_inputs=torch.randn(1, 1, 8, 8)))
+
+
 def test_round_to_keeps_simd_widths_and_refills_the_flops_budget():
     model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)

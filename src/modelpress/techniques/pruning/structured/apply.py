@@ -18,7 +18,7 @@ from torch import nn
 
 from modelpress.config import LayerFractions, TargetedConfig
 from modelpress.context import Context
-from modelpress.errors import DataError, UnsupportedModuleError
+from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure.flops import count_flops
 from modelpress.registry import technique
 from modelpress.targeting import matches, select_modules
@@ -50,6 +50,11 @@ class StructuredConfig(TargetedConfig):
     )
     flops_target: float | None = Field(
         None, gt=0, lt=1, description="Keep this fraction of the FLOPs; overrides sparsity."
+    )
+    flops_of: Literal["model", "original"] = Field(
+        "model",
+        description="flops_target is a fraction of this stage's input model, or of the "
+        "pipeline's original model (for iterative recipes: 0.8, 0.65, 0.5 of the original).",
     )
     importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
         "l1", description="Channel importance: filter norm, Taylor (needs data), or BN scale."
@@ -158,7 +163,15 @@ def _counts_for_flops(
     assert cfg.flops_target is not None
     flops = layer_flops(model, ctx)
     total = float(count_flops(model, ctx.example_inputs))
-    budget = cfg.flops_target * total
+    reference = total
+    if cfg.flops_of == "original":
+        if ctx.original is None:
+            raise ConfigError(
+                f"{OWNER}: flops_of 'original' needs the pipeline's original model; run it "
+                "through compress() or use flops_of: model"
+            )
+        reference = float(count_flops(ctx.original, ctx.example_inputs))
+    budget = cfg.flops_target * reference
     costs = channel_costs(groups, flops, total) if cfg.flops_aware else None
 
     def predict(counts: Counts) -> float:
@@ -173,7 +186,7 @@ def _counts_for_flops(
     if not ok:
         raise UnsupportedModuleError(
             f"{OWNER}: flops_target {cfg.flops_target} is out of reach; pruning every group to "
-            f"max_sparsity {cfg.max_sparsity} keeps {f / total:.3f} of the FLOPs. Raise "
+            f"max_sparsity {cfg.max_sparsity} keeps {f / reference:.3f} of the FLOPs. Raise "
             "max_sparsity, target more layers or ask for a larger flops_target."
         )
     lo, hi, best = 0.0, cfg.max_sparsity, counts
@@ -187,7 +200,7 @@ def _counts_for_flops(
     if cfg.scope == "global":
         frozen = [f is not None for f in fixed]
         best = refill(best, scores, cfg.round_to, lambda c: predict(c) <= budget, frozen, costs)
-    return best, predict(best) / total
+    return best, predict(best) / reference
 
 
 @technique(OWNER, StructuredConfig)
