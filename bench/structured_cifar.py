@@ -86,7 +86,7 @@ FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
 ARMS = ("modelpress", "modelpress-l2", "modelpress-layer", "modelpress-l2-kd",
         "modelpress-l2-perflop", "modelpress-l2-perflop-kd", "modelpress-l2-iter",
-        "modelpress-l2-iter-kd", "torch-pruning")  # fmt: skip
+        "modelpress-l2-iter-kd", "modelpress-taylor", "modelpress-bn", "torch-pruning")  # fmt: skip
 ITER_STEPS = 3  # the -iter arms prune in this many steps, each followed by its share of epochs
 
 
@@ -110,6 +110,8 @@ MODELPRESS_ARMS = {
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
     "modelpress-l2-iter-kd": ModelpressArm(L2, distill=True, steps=ITER_STEPS),
+    "modelpress-taylor": ModelpressArm({"scope": "global", "importance": "taylor"}),
+    "modelpress-bn": ModelpressArm({"scope": "global", "importance": "bn_scale"}),
 }
 INSTALL_HINT = "pip install -r bench/requirements.txt"
 
