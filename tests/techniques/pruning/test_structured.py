@@ -20,8 +20,8 @@ from modelpress.techniques.pruning.structured.apply import (
     find_groups,
 )
 from modelpress.techniques.pruning.structured.graph import Group, build_graph
-from modelpress.techniques.pruning.structured.importance import taylor_scores
-from modelpress.techniques.pruning.structured.plan import channel_costs, layer_flops
+from modelpress.techniques.pruning.structured.importance import group_scores, taylor_scores
+from modelpress.techniques.pruning.structured.plan import channel_costs, layer_flops, round_counts
 
 
 class Residual(nn.Module):
@@ -347,7 +347,7 @@ def test_llama_grouped_query_heads():
 # --- importance, scope, FLOPs target ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "group_l1", "group_l2", "bn_scale"])
 def test_global_flops_target_is_met(importance):
     model = mp.load_model("zoo:resnet20", input_shape=[3, 32, 32], num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -358,6 +358,29 @@ def test_global_flops_target_is_met(importance):
     kept = count_flops(pruned, x) / count_flops(model, x)
     assert 0.45 < kept <= 0.5
     assert ctx.reports["flops_kept_predicted"] == pytest.approx(kept, abs=0.01)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_group_norm_covers_every_coupled_parameter(p):
+    model = Residual().eval()
+    for param in model.parameters():
+        param.data.normal_()
+    groups = build_graph(model, torch.randn(1, 3, 6, 6)).groups()
+    stream = _resnet_group(groups, "stem")  # stem, conv2, bn0, bn2 -> conv1 and fc read it
+    got = group_scores(model, groups, f"group_l{p}", Context())[stream]
+    parts = [
+        model.stem.weight.flatten(1), model.stem.bias[:, None], model.conv2.weight.flatten(1),
+        model.bn0.weight[:, None], model.bn0.bias[:, None], model.bn2.weight[:, None],
+        model.bn2.bias[:, None], model.conv1.weight.transpose(0, 1).flatten(1), model.fc.weight.T,
+    ]  # fmt: skip
+    want = torch.cat(parts, dim=1).detach().norm(p=p, dim=1)
+    torch.testing.assert_close(got, want)
+
+
+def test_round_counts_up_or_to_the_nearest_multiple():
+    sizes, removed = [16, 16, 64, 5], [7, 3, 29, 2]  # keeps 9, 13, 35, 3
+    assert round_counts(sizes, removed, 8) == [0, 0, 24, 0]  # keeps 16, 16, 40, 5
+    assert round_counts(sizes, removed, 8, nearest=True) == [8, 0, 32, 0]  # 8, 16, 32, 5
 
 
 def _resnet_group(groups, conv: str):

@@ -56,8 +56,10 @@ class StructuredConfig(TargetedConfig):
         description="flops_target is a fraction of this stage's input model, or of the "
         "pipeline's original model (for iterative recipes: 0.8, 0.65, 0.5 of the original).",
     )
-    importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
-        "l1", description="Channel importance: filter norm, Taylor (needs data), or BN scale."
+    importance: Literal["l1", "l2", "group_l1", "group_l2", "taylor", "bn_scale"] = Field(
+        "l1",
+        description="Channel importance: filter norm, norm of all coupled parameters "
+        "(group_*), Taylor (needs data), or BN scale.",
     )
     scope: Literal["layer", "global"] = Field(
         "layer", description="Prune each group by the same fraction, or rank channels globally."
@@ -134,6 +136,7 @@ def _counts(
     scores: list[torch.Tensor],
     fixed: list[float | None],
     costs: list[float] | None = None,
+    nearest: bool = False,
 ) -> Counts:
     sizes = [len(s) for s in scores]
     if cfg.scope == "layer":
@@ -147,7 +150,7 @@ def _counts(
         counts = list(own)
         for i, c in zip(free, pooled, strict=True):
             counts[i] = c
-    return round_counts(sizes, counts, cfg.round_to)
+    return round_counts(sizes, counts, cfg.round_to, nearest)
 
 
 def _counts_for_flops(
@@ -178,7 +181,7 @@ def _counts_for_flops(
         return predicted_flops(groups, counts, flops, total)
 
     def fits(s: float) -> tuple[bool, Counts, float]:
-        counts = _counts(cfg, s, scores, fixed, costs)
+        counts = _counts(cfg, s, scores, fixed, costs, nearest=True)
         f = predict(counts)
         return f <= budget, counts, f
 

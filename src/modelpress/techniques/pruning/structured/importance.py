@@ -3,6 +3,11 @@
 - ``l1``: Σ over the group's producers of ‖W_c‖₁, the filter norm of Li et al. 2017
   ("Pruning Filters for Efficient ConvNets"), summed over every layer that creates channel c.
 - ``l2``: the same with ‖W_c‖₂.
+- ``group_l1`` / ``group_l2``: the p-norm of *every* parameter coupled to channel c — the
+  producers' rows and biases, the consumers' input columns, the norms' γ and β — as one
+  vector: the group norm of DepGraph (Fang et al. 2023, "DepGraph: Towards Any Structural
+  Pruning", sec. 3.3), which Torch-Pruning's ``GroupMagnitudeImportance`` also sums. A channel
+  the next layers barely read scores low even when its own filter is large.
 - ``bn_scale``: Σ |γ_c| over the group's BatchNorms (Liu et al. 2017, "Learning Efficient
   Convolutional Networks through Network Slimming"); groups without BatchNorm use ``l1``.
 - ``taylor``: first-order Taylor expansion of the loss (Molchanov et al. 2019, "Importance
@@ -48,6 +53,20 @@ def magnitude_scores(modules: dict[str, nn.Module], group: Group, p: int) -> tor
     """Σ over producers of the ``p``-norm of each channel's weights (``p`` = 1 or 2)."""
     rows = _producer_rows(modules, group, "weight")
     return sum(r.float().norm(p=p, dim=1) for r in rows)  # type: ignore[return-value]
+
+
+def group_magnitude_scores(modules: dict[str, nn.Module], group: Group, p: int) -> torch.Tensor:
+    """``‖θ_c‖_p`` with θ_c every weight, bias and norm parameter of channel c in the group."""
+    total = torch.zeros(group.size)
+    for m in group.members:
+        module = modules[m.module]
+        names = ("weight",) if m.role == "in" else ("weight", "bias")
+        for name in names:
+            param = getattr(module, name, None)
+            if isinstance(param, torch.Tensor):
+                rows = channel_rows(param, m, group.size, 1 if m.role == "in" else 0)
+                total += rows.float().abs().pow(p).sum(1)
+    return total.pow(1 / p)
 
 
 def bn_scale_scores(modules: dict[str, nn.Module], group: Group) -> torch.Tensor:
@@ -108,11 +127,14 @@ def group_scores(
     ctx: Context,
     batches: Iterable[Batch] | None = None,
 ) -> list[torch.Tensor]:
-    """Channel scores for every group under ``importance`` (l1, l2, bn_scale, taylor)."""
+    """Channel scores for every group under ``importance`` (l1, l2, group_l1, group_l2,
+    bn_scale, taylor)."""
     modules = dict(model.named_modules())
     if importance == "taylor":
         return taylor_scores(model, groups, batches or [], ctx)
     if importance == "bn_scale":
         return [bn_scale_scores(modules, g) for g in groups]
-    p = 1 if importance == "l1" else 2
+    p = 1 if importance.endswith("l1") else 2
+    if importance.startswith("group_"):
+        return [group_magnitude_scores(modules, g, p) for g in groups]
     return [magnitude_scores(modules, g, p) for g in groups]

@@ -5,7 +5,8 @@ group's mean (so groups of different scale compete on relative importance, as To
 mean normaliser does) and the lowest ``s`` of all channels go, with each group capped at
 ``max_sparsity`` and keeping at least one channel. Kept counts are rounded up to a multiple
 of ``round_to`` (SIMD-friendly widths). A FLOPs target is met by bisection on ``s`` with the
-FLOPs of every Conv/Linear predicted as ``F · (kept_in / in) · (kept_out / out)``.
+FLOPs of every Conv/Linear predicted as ``F · (kept_in / in) · (kept_out / out)``, kept counts
+rounded to the *nearest* multiple there, and the budget the bisection leaves unused refilled.
 
 FLOPs-aware ranking (``costs``) divides each normalised score by the FLOPs one channel of its
 group costs (relative to the mean group), so channels go in order of importance per FLOP: the
@@ -74,12 +75,21 @@ def global_counts(
     return counts
 
 
-def round_counts(sizes: Sequence[int], counts: Counts, round_to: int) -> Counts:
-    """Remove fewer so each group keeps a multiple of ``round_to`` channels (or all)."""
+def round_counts(
+    sizes: Sequence[int], counts: Counts, round_to: int, nearest: bool = False
+) -> Counts:
+    """Each group keeps a multiple of ``round_to`` channels (or all of them): rounded up (remove
+    fewer than asked), or with ``nearest`` to the nearest multiple, at least ``round_to``.
+
+    A FLOPs search rounds to the nearest: rounding up inside the bisection would turn a
+    16-channel group that keeps 9 into one that keeps all 16, spending the budget on whichever
+    groups happen to sit just above a multiple (on ResNet-20: the costly 32×32 stage).
+    """
     out = []
     for c, r in zip(sizes, counts, strict=True):
-        kept = min(c, math.ceil((c - r) / round_to) * round_to)
-        out.append(c - kept)
+        steps = (c - r) / round_to
+        multiple = max(math.floor(steps + 0.5), 1) if nearest else math.ceil(steps)
+        out.append(c - min(c, multiple * round_to))
     return out
 
 
