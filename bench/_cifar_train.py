@@ -10,7 +10,9 @@ horizontal flip), seeded per pass so every arm sees the same data order and crop
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _cifar import TRAIN_JPEG, _require, load_cifar10_test_jpeg, load_resnet20_checkpoint
+from _cifar import (
+    CHECKPOINT,
+    TRAIN_JPEG,
+    _require,
+    load_cifar10_test_jpeg,
+    load_resnet20_checkpoint,
+)
 from _common import VAL_SIZE, VAL_SPLIT_SEED, log
 from torch import nn
 
@@ -28,6 +36,7 @@ import modelpress as mp
 from modelpress.measure import accuracy, directory_bytes
 from modelpress.train import train_model
 
+RECORD = "record.json"  # a cached baseline's record, written last (marks the entry complete)
 PAD = 4  # pixels of zero padding around each image before the random 32x32 crop
 
 
@@ -238,9 +247,36 @@ def train_record(cfg: dict[str, Any], seconds: float, steps: int, final_loss: fl
             "epoch_seconds_estimate": per_image * len(batches.labels)}  # fmt: skip
 
 
+def baseline_key(root: Path, settings: TrainingSettings, splits: Splits, seed: int) -> str:
+    """A digest of everything the fine-tuned baseline depends on: the checkpoint and training
+    file (path, size), the baseline training config, the data split and subsets, the seed,
+    the torch version and thread count."""
+    files = [Path(root) / CHECKPOINT, Path(root) / TRAIN_JPEG]
+    inputs = {
+        "files": [(str(f.resolve()), f.stat().st_size) for f in files],
+        "train": settings.train_config("baseline"),
+        "train_samples": settings.train_samples,
+        "split": splits.spec,
+        "seed": seed,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_baseline(splits: Splits, root: Path, settings: TrainingSettings, seed: int, work: Path,
                  ev: Evaluator) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """The checkpoint, evaluated, then fine-tuned briefly on the JPEG training split."""
+    """The checkpoint, evaluated, then fine-tuned briefly on the JPEG training split.
+
+    The fine-tuned baseline is kept in ``<work>/../baselines/<baseline_key>`` and reused by a
+    later run with the same inputs (every CIFAR benchmark, every ``--tag``) once re-evaluating
+    it gives the recorded accuracy; delete that folder to fine-tune again. A reused record
+    says so under ``reused_from``.
+    """
+    cache = work.parent / "baselines" / baseline_key(root, settings, splits, seed)
+    reused = _reuse_baseline(cache, ev)
+    if reused is not None:
+        return reused
     model = load_resnet20_checkpoint(root)
     checkpoint_correct = ev.correct(model)
     cfg = settings.train_config("baseline")
@@ -250,8 +286,8 @@ def run_baseline(splits: Splits, root: Path, settings: TrainingSettings, seed: i
     correct = ev.correct(model)
     log(f"baseline: fine-tuned {summary['seconds']:.0f} s; {splits.split} accuracy "
         f"{100 * checkpoint_correct / ev.n:.2f} % -> {100 * correct / ev.n:.2f} %")  # fmt: skip
-    path = mp.save(model, work / "baseline")
-    return model, {
+    path = mp.save(model, cache / "artifact")
+    record = {
         "train": train_record(cfg, summary["seconds"], summary["steps"], summary["final_loss"],
                               batches),
         "checkpoint_correct": checkpoint_correct,
@@ -259,3 +295,31 @@ def run_baseline(splits: Splits, root: Path, settings: TrainingSettings, seed: i
         "artifact": str(path),
         "artifact_bytes": directory_bytes(path),
     }  # fmt: skip
+    (cache / RECORD).write_text(json.dumps(record, indent=1))
+    return model, record
+
+
+def reuse_note(base: dict[str, Any]) -> str:
+    """`` (reused ...)`` for a baseline record taken from the cache, else ``""``."""
+    if "reused_from" not in base:
+        return ""
+    return (
+        " (reused: fine-tuned by an earlier run with the same inputs; the same accuracy on "
+        "re-evaluation)"
+    )
+
+
+def _reuse_baseline(cache: Path, ev: Evaluator) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The cached baseline and its record, or None when there is none or it no longer
+    evaluates to the recorded number of correct predictions."""
+    if not (cache / RECORD).is_file():
+        return None
+    record = json.loads((cache / RECORD).read_text())
+    model = mp.load(record["artifact"]).eval()
+    correct = ev.correct(model)
+    if correct != record["correct"]:
+        log(f"baseline: cached {cache} gives {correct} correct, not {record['correct']}; "
+            "fine-tuning again")  # fmt: skip
+        return None
+    log(f"baseline: reused {cache} ({100 * correct / ev.n:.2f} %)")
+    return model, record | {"reused_from": str(cache)}

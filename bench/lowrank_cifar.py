@@ -51,6 +51,7 @@ from _cifar_train import (
     Evaluator,
     TrainingSettings,
     load_splits,
+    reuse_note,
     run_baseline,
     train_record,
 )
@@ -351,7 +352,8 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         _arms_table(data),
         f"Baseline: Distiller's ResNet-20 checkpoint ({100 * base['checkpoint_correct'] / n:.2f} % "
         f"on this split before fine-tuning) fine-tuned {bt['epochs']} epoch(s) on "
-        f"{data['train_images']:,} JPEG training images (SGD, lr {bt['lr']}, cosine). Every arm "
+        f"{data['train_images']:,} JPEG training images (SGD, lr {bt['lr']}, cosine)"
+        f"{reuse_note(base)}. Every arm "
         f"factorizes the 3x3 convs of the residual blocks (not `{FIRST_CONV}`) and fine-tunes "
         f"{s['finetune_epochs']} epoch(s) (SGD momentum {s['momentum']}, lr {s['finetune_lr']}, "
         f"cosine, weight decay {s['weight_decay']}, batch {s['batch_size']}) on the same "

@@ -63,6 +63,7 @@ from _cifar_train import (
     Splits,
     TrainingSettings,
     load_splits,
+    reuse_note,
     run_baseline,
     train_record,
 )
@@ -697,7 +698,8 @@ def _setup_text(data: dict[str, Any], base: dict[str, Any]) -> str:
         f"on this split before fine-tuning) fine-tuned {bt['epochs']} epoch(s) on "
         f"{data['train_images']:,} JPEG training images (SGD momentum {s['momentum']}, lr "
         f"{bt['lr']}, cosine, weight decay {s['weight_decay']}, batch {s['batch_size']}, "
-        f"{bt['seconds']:.0f} s). Every arm then prunes to ≤ {FLOPS_KEEP} of its FLOPs (channel "
+        f"{bt['seconds']:.0f} s){reuse_note(base)}. Every arm then prunes to ≤ {FLOPS_KEEP} "
+        "of its FLOPs (channel "
         f"counts multiples of {s['round_to']}) and fine-tunes {s['finetune_epochs']} epoch(s) "
         f"(SGD momentum {s['momentum']}, lr {s['finetune_lr']}, cosine, weight decay "
         f"{s['weight_decay']}) in the same loop (`modelpress.train.fit`) on the same "
