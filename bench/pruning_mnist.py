@@ -15,6 +15,8 @@ training steps after pruning starts:
 * ``iterative`` -- three ``prune.magnitude`` + ``train`` rounds (Han et al. 2015), the density
   falling geometrically to the target;
 * ``gradual``   -- ``prune.gradual`` inside one ``train`` stage (Zhu & Gupta 2017);
+* ``gradual-kd`` -- the same with ``distill.kd`` from the dense baseline (T = 4, alpha 0.9)
+  in that ``train`` stage: prune -> distill in one recipe;
 * ``random``    -- ``prune.random`` then ``train``: the honest baseline (Blalock et al. 2020).
 
 Reported per variant: test error and its change, nonzeros (weights only and all parameters),
@@ -47,6 +49,7 @@ from modelpress.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    BenchError,
     adam,
     base_parser,
     data_dir,
@@ -66,7 +69,7 @@ NAME = "pruning_mnist"
 TARGET_NNZ_RATIO = 15.0  # x fewer nonzero parameters than the baseline
 TARGET_ERROR_PP = 0.1  # at most this many percentage points more test error
 TRAIN_THREADS, LATENCY_THREADS = 1, 1  # see bench/README.md (shared 2-core machine)
-METHODS = ("oneshot", "iterative", "gradual", "random")
+METHODS = ("oneshot", "iterative", "gradual", "gradual-kd", "random")
 PRUNED_TYPES = (nn.Linear, nn.Conv2d)
 
 TUNING_NOTE = (
@@ -94,6 +97,7 @@ class Net:
     finetune: dict[str, Any]  # the total training after pruning starts, same for all methods
     sparsities: tuple[float, ...]  # the first one is the headline (pre-chosen) sparsity
     sweep_methods: tuple[str, ...] = ("oneshot", "iterative", "gradual")  # extra sparsities
+    methods: tuple[str, ...] = METHODS  # at the headline sparsity
     gradual_frequency: int = 100  # steps between mask updates
     gradual_end_fraction: float = 0.6
 
@@ -152,7 +156,7 @@ class Settings:
         elif method == "random":
             stages = [mp.Stage.of("prune.random", sparsity=s, scope="global"),
                       mp.Stage.of("train", **ft)]  # fmt: skip
-        elif method == "gradual":
+        elif method in ("gradual", "gradual-kd"):
             stages = [
                 mp.Stage.of(
                     "prune.gradual",
@@ -163,6 +167,7 @@ class Settings:
                     end_fraction=net.gradual_end_fraction,
                     frequency=net.gradual_frequency,
                 ),
+                *([mp.Stage.of("distill.kd")] if method == "gradual-kd" else []),
                 mp.Stage.of("train", **ft),
             ]
         elif method == "iterative":
@@ -186,7 +191,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="train the two networks "
                    "in parallel processes (1 thread each; default 2); latency is always "
                    "measured afterwards in one process")  # fmt: skip
+    p.add_argument("--nets", default=",".join(Settings().nets),
+                   help="comma-separated networks to run (default: both)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods of {','.join(METHODS)} (default: all)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result name, e.g. for a sweep")
     return p.parse_args(argv)
+
+
+def select(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``settings`` with only the networks and methods asked for on the command line."""
+    nets, methods = args.nets.split(","), tuple(args.methods.split(","))
+    for asked, known in ((nets, tuple(settings.nets)), (methods, METHODS)):
+        unknown = [x for x in asked if x not in known]
+        if unknown:
+            raise BenchError(f"unknown choice {unknown[0]!r}; choose from {', '.join(known)}")
+    picked = {k: replace(settings.nets[k], methods=methods) for k in nets}
+    return replace(settings, nets=picked)
 
 
 def load_bundle(root: Path, settings: Settings, val: bool, seed: int) -> mp.DataBundle:
@@ -252,8 +276,8 @@ def run_net(key: str, args: argparse.Namespace, settings: Settings, name: str) -
     }
 
     variants: dict[str, dict[str, Any]] = {}
-    jobs = [(m, net.sparsities[0]) for m in METHODS]
-    jobs += [(m, s) for s in net.sparsities[1:] for m in net.sweep_methods]
+    jobs = [(m, net.sparsities[0]) for m in net.methods]
+    jobs += [(m, s) for s in net.sparsities[1:] for m in net.sweep_methods if m in net.methods]
     for method, sparsity in jobs:
         vname = f"{method}-{round(sparsity * 100)}"
         recipe = settings.recipe(net, method, sparsity)
@@ -364,6 +388,7 @@ LABELS = {
     "oneshot": "one-shot magnitude + fine-tune",
     "iterative": "iterative magnitude (3 rounds)",
     "gradual": "gradual (Zhu & Gupta) in one train",
+    "gradual-kd": "gradual + `distill.kd` from the dense baseline",
     "random": "random + fine-tune (control)",
 }
 
@@ -454,7 +479,9 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
             "`prune.magnitude` (global) + `train` rounds to sparsities "
             f"{_schedule_text(res)}; gradual in one `train` stage with `prune.gradual` "
             f"(global, cubic from 0 over the first {s['gradual_end_fraction']:.0%} of the steps, "
-            f"masks updated every {s['gradual_frequency']} steps).",
+            f"masks updated every {s['gradual_frequency']} steps); gradual + KD the same with "
+            "`distill.kd` before that `train` stage (teacher: the dense baseline, T = 4, "
+            "alpha 0.9: loss = 0.9 · T² · KL + 0.1 · cross-entropy).",
             _layer_table(res),
         ]
     parts += [
@@ -492,8 +519,9 @@ def _schedule_text(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/pruning_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
-    settings = Settings().quick() if args.quick else Settings()
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    settings = select(Settings().quick() if args.quick else Settings(), args)
+    name = (NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+            + (f"-{args.tag}" if args.tag else ""))  # fmt: skip
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS,
                              "processes": args.jobs})  # fmt: skip
