@@ -99,6 +99,7 @@ class ModelpressArm:
 
 
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
+GROUP = {"scope": "global", "importance": "group_l1"}  # Torch-Pruning's criterion (DepGraph)
 MODELPRESS_ARMS = {
     "modelpress": ModelpressArm({"scope": "global", "importance": "l1"}),
     "modelpress-l2": ModelpressArm(L2),
@@ -110,6 +111,8 @@ MODELPRESS_ARMS = {
     "modelpress-l2-iter-kd": ModelpressArm(L2, distill=True, steps=ITER_STEPS),
     "modelpress-taylor": ModelpressArm({"scope": "global", "importance": "taylor"}),
     "modelpress-bn": ModelpressArm({"scope": "global", "importance": "bn_scale"}),
+    "modelpress-group": ModelpressArm(GROUP),
+    "modelpress-group-kd": ModelpressArm(GROUP, distill=True),
 }
 ARMS = (*MODELPRESS_ARMS, "torch-pruning")
 # a plain run: the arms of the reported results (the others were tried on validation only)
