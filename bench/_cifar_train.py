@@ -315,11 +315,12 @@ def _reuse_baseline(cache: Path, ev: Evaluator) -> tuple[nn.Module, dict[str, An
     if not (cache / RECORD).is_file():
         return None
     record = json.loads((cache / RECORD).read_text())
-    model = mp.load(record["artifact"]).eval()
+    path = cache / "artifact"  # not the recorded path: the work folder may have moved
+    model = mp.load(path).eval()
     correct = ev.correct(model)
     if correct != record["correct"]:
         log(f"baseline: cached {cache} gives {correct} correct, not {record['correct']}; "
             "fine-tuning again")  # fmt: skip
         return None
     log(f"baseline: reused {cache} ({100 * correct / ev.n:.2f} %)")
-    return model, record | {"reused_from": str(cache)}
+    return model, record | {"artifact": str(path), "reused_from": str(cache)}
