@@ -29,10 +29,11 @@ from _cifar import (
     load_cifar10_test_jpeg,
     load_resnet20_checkpoint,
 )
-from _common import VAL_SIZE, VAL_SPLIT_SEED, log
+from _common import VAL_SIZE, VAL_SPLIT_SEED, BenchError, log
 from torch import nn
 
 import modelpress as mp
+from modelpress.errors import ArtifactError
 from modelpress.measure import accuracy, directory_bytes
 from modelpress.train import train_model
 
@@ -314,9 +315,13 @@ def _reuse_baseline(cache: Path, ev: Evaluator) -> tuple[nn.Module, dict[str, An
     evaluates to the recorded number of correct predictions."""
     if not (cache / RECORD).is_file():
         return None
-    record = json.loads((cache / RECORD).read_text())
     path = cache / "artifact"  # not the recorded path: the work folder may have moved
-    model = mp.load(path).eval()
+    try:
+        record = json.loads((cache / RECORD).read_text())
+        model = mp.load(path).eval()
+    except (ValueError, OSError, ArtifactError) as e:
+        raise BenchError(f"cached baseline {cache} is unreadable ({e}); delete that folder to "
+                         "fine-tune the baseline again") from e  # fmt: skip
     correct = ev.correct(model)
     if correct != record["correct"]:
         log(f"baseline: cached {cache} gives {correct} correct, not {record['correct']}; "
