@@ -215,6 +215,38 @@ def write_results(
     return json_path, md_path
 
 
+def result_name(name: str, args: argparse.Namespace) -> str:
+    """``name`` plus ``-val``, ``-quick`` and ``-TAG`` as the run's options ask (a benchmark
+    without ``--val`` or ``--tag`` simply has no such files)."""
+    val = "-val" if getattr(args, "val", False) else ""
+    tag = f"-{args.tag}" if getattr(args, "tag", None) else ""
+    return name + val + ("-quick" if args.quick else "") + tag
+
+
+def finish(
+    name: str,
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    data: dict[str, Any],
+    markdown: Callable[[dict[str, Any], dict[str, Any]], str],
+    summary_end: str | None = None,
+) -> int:
+    """The end of every benchmark's ``main``: record the seed and wall time in ``info``, write
+    ``<args.out>/<name>.{json,md}`` (the JSON is ``{"run": info, **data}``), print the
+    Markdown's summary (all before ``summary_end``, if given) and log the paths.
+
+    Returns:
+        0, the exit code.
+    """
+    info |= {"seed": args.seed, "seconds": data["seconds"]}
+    md = markdown(data, info)
+    json_path, md_path = write_results(name, {"run": info, **data}, md, args.out)
+    if summary_end is not None:
+        print(md.split(summary_end)[0])
+    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
+    return 0
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -50,14 +50,15 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    finish,
     in_processes,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "deep_compression_mnist"
@@ -363,16 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
     settings = replace(settings, nets={k: overridden(n, args) for k, n in settings.nets.items()})
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "processes": args.jobs})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    md = markdown(data, info)
-    json_path, md_path = write_results(name, {"run": info, **data}, md, args.out)
-    print(md.split("\n\n## Entropy coding")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## Entropy coding")
 
 
 if __name__ == "__main__":

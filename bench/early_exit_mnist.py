@@ -42,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     base_parser,
     data_dir,
+    finish,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "early_exit_mnist"
@@ -466,15 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/early_exit_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    json_path, md_path = write_results(name, {"run": info, **data}, markdown(data, info), args.out)
-    print(markdown(data, info).split("\n\n## How")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## How")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,14 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    finish,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "hashednets_mnist"
@@ -101,7 +102,9 @@ def equal_size_width(budget: int) -> int:
     return max(1, (budget - CLASSES) // (INPUTS + 1 + CLASSES))
 
 
-def finish(result: mp.Result, bundle: mp.DataBundle, path: Path, seconds: float) -> dict[str, Any]:
+def scored_record(
+    result: mp.Result, bundle: mp.DataBundle, path: Path, seconds: float
+) -> dict[str, Any]:
     """Save, reload and score one trained network."""
     saved = result.save(path)
     loaded = mp.load(saved)
@@ -129,7 +132,7 @@ def train_arm(
     """Run ``stages`` (ending in ``train``) on ``model`` through ``compress``; score it."""
     start = time.perf_counter()
     result = mp.compress(model, stages, data=bundle, seed=seed, latency_runs=0)
-    return finish(result, bundle, path, time.perf_counter() - start)
+    return scored_record(result, bundle, path, time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace, s: Settings, name: str) -> dict[str, Any]:
@@ -248,15 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/hashednets_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    json_path, md_path = write_results(name, {"run": info, **data}, markdown(data, info), args.out)
-    print(markdown(data, info).split("\n\n## Run")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## Run")
 
 
 if __name__ == "__main__":

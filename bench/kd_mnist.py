@@ -46,14 +46,15 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    finish,
     in_processes,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "kd_mnist"
@@ -489,16 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.members < 1:
             raise BenchError(f"--members {args.members}: give 1 (one teacher) or more")
         settings = replace(settings, teacher_members=args.members)
-    name = (NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
-            + (f"-{args.tag}" if args.tag else ""))  # fmt: skip
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "processes": args.jobs})  # fmt: skip
     data = run(args, settings)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    json_path, md_path = write_results(name, {"run": info, **data}, markdown(data, info), args.out)
-    print(markdown(data, info).split("\n\n## How")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## How")
 
 
 if __name__ == "__main__":

@@ -43,14 +43,15 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    finish,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "lenet_mnist"
@@ -410,15 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/lenet_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    json_path, md_path = write_results(name, {"run": info, **data}, markdown(data, info), args.out)
-    print(markdown(data, info).split("\n\n## Stage")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## Stage")
 
 
 if __name__ == "__main__":

@@ -59,13 +59,14 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    finish,
     in_processes,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _onnx import eager_and_ort_latency, exporter_name
 
@@ -391,17 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     overrides = {"finetune_epochs": args.epochs, "finetune_lr": args.lr}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": args.threads, "processes": args.jobs,
                              **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    md = markdown(data, info)
-    paths = write_results(name, {"run": info, **data}, md, args.out)
-    print(md.split("\n\n## Arms")[0])
-    log(f"wrote {paths[0]} and {paths[1]} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## Arms")
 
 
 if __name__ == "__main__":

@@ -54,15 +54,16 @@ from _common import (
     base_parser,
     data_dir,
     error_pct,
+    finish,
     in_processes,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
     mnist_bundle,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "pruning_mnist"
@@ -523,18 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/pruning_mnist[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = select(Settings().quick() if args.quick else Settings(), args)
-    name = (NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
-            + (f"-{args.tag}" if args.tag else ""))  # fmt: skip
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS,
                              "processes": args.jobs})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    md = markdown(data, info)
-    json_path, md_path = write_results(name, {"run": info, **data}, md, args.out)
-    print(md.split("\n\n## What the columns")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## What the columns")
 
 
 if __name__ == "__main__":

@@ -63,14 +63,15 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    finish,
     in_processes,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 
 NAME = "quant_cifar"
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if unknown:
         raise BenchError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     splits = load_splits(root, args.val, settings, args.seed)
-    work = args.work / result_name(args)
+    work = args.work / result_name(NAME, args)
     ev = Evaluator(splits)
     baseline, base = run_baseline(splits, root, settings, args.seed, work, ev)
     records = run_arms(arms, args, settings, base["artifact"], work)
@@ -241,12 +242,6 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "latency_threads_1": lat,
         "seconds": time.perf_counter() - t0,
     }
-
-
-def result_name(args: argparse.Namespace) -> str:
-    """``quant_cifar`` with ``-quick`` / ``-val`` as the mode asks and ``-TAG`` if given."""
-    mode = ("-quick" if args.quick else "") + ("-val" if args.val else "")
-    return NAME + mode + (f"-{args.tag}" if args.tag else "")
 
 
 def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
@@ -287,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     info = run_info(sys.argv, threads={"train": args.threads, "latency": 1})
     data = run(args, settings)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    data["run"] = info
-    paths = write_results(result_name(args), data, markdown(data, info), args.out)
-    log(f"wrote {paths[0]} and {paths[1]}")
-    return 0
+    return finish(result_name(NAME, args), args, info, data, markdown)
 
 
 if __name__ == "__main__":

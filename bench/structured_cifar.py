@@ -72,13 +72,14 @@ from _common import (
     BenchError,
     base_parser,
     data_dir,
+    finish,
     in_processes,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _onnx import eager_and_ort_latency, exporter_name
 
@@ -724,20 +725,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``<out>/structured_cifar[-val][-quick].{json,md}``."""
     args = parse_args(argv)
     settings = make_settings(args)
-    name = NAME + ("-val" if args.val else "") + ("-quick" if args.quick else "")
-    name += f"-{args.tag}" if args.tag else ""
+    name = result_name(NAME, args)
     info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
                     threads={"train": args.threads, "processes": args.jobs,
                              **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
     data = run(args, settings, name)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    md = markdown(data, info)
-    json_path, md_path = write_results(name, {"run": info, **data}, md, args.out)
-    print(md.split("\n\n## Arms")[0])
     est = data["estimate_full_run"]
     log("estimated full run: " + ", ".join(f"{k} {v:.0f}" for k, v in est.items()))
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(name, args, info, data, markdown, "\n\n## Arms")
 
 
 if __name__ == "__main__":

@@ -60,13 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     BenchError,
     base_parser,
+    finish,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _sts import (
     LATENCY_BATCH,
@@ -624,17 +625,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     if args.profile_arm:
         return profile_child(args, settings)
-    args.name = NAME + ("-quick" if args.quick else "")
+    args.name = result_name(NAME, args)
     info = run_info([sys.argv[0], *raw], threads={
         "compress_and_eval": args.threads, "latency": list(LATENCY_THREADS),
         "benchmark_4": PROFILE_THREADS})  # fmt: skip
     data = run(args, settings, raw)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    md = markdown(data, info)
-    json_path, md_path = write_results(args.name, {"run": info, **data}, md, args.out)
-    print(md.split("\n\n## What the columns")[0])
-    log(f"wrote {json_path} and {md_path} in {data['seconds']:.0f} s")
-    return 0
+    return finish(args.name, args, info, data, markdown, "\n\n## What the columns")
 
 
 if __name__ == "__main__":

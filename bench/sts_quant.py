@@ -67,13 +67,14 @@ from modelpress.runtime.artifact import load_quantized
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     base_parser,
+    finish,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _sts import (
     LATENCY_BATCH,
@@ -281,7 +282,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                    calib_sentences=settings.calib_sentences,
                    calib_batch=settings.calib_batch)  # fmt: skip
     dense = load_dense(env)
-    work = args.work / result_name(args)
+    work = args.work / result_name(NAME, args)
     records: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for arm in ARMS:
@@ -314,11 +315,6 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "fp32_torch_latency": lat["fp32 torch"], "gptq_two_threads": gptq,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-
-
-def result_name(args: argparse.Namespace) -> str:
-    """``sts_quant`` or ``sts_quant-quick``."""
-    return NAME + ("-quick" if args.quick else "")
 
 
 def verdict(rec: dict[str, Any]) -> str:
@@ -384,11 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     info = run_info(sys.argv, threads={"compress": settings.threads, "latency": 1})
     data = run(args, settings)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    data["run"] = info
-    paths = write_results(result_name(args), data, markdown(data, info), args.out)
-    log(f"wrote {paths[0]} and {paths[1]}")
-    return 0
+    return finish(result_name(NAME, args), args, info, data, markdown)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     base_parser,
     data_dir,
+    finish,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _sts import (
     LATENCY_BATCH,
@@ -282,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(settings, lr=args.lr, epochs=args.epochs if not args.quick else 1)
     info = run_info(sys.argv, threads={"train": settings.threads, "latency": 1})
     data = run(args, settings)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    data["run"] = info
-    paths = write_results(result_name(args), data, markdown(data, info), args.out)
-    log(f"wrote {paths[0]} and {paths[1]}")
-    return 0
+    return finish(result_name(args), args, info, data, markdown)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ from modelpress.measure import count_params, directory_bytes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     base_parser,
+    finish,
     interleaved_latency,
     log,
     main_guard,
     markdown_table,
+    result_name,
     run_info,
     run_info_markdown,
-    write_results,
 )
 from _sts import LATENCY_BATCH, Env, PackedEncoder, load_dense, make_env, pack, sts_spearman
 
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                    calib_sentences=settings.calib_sentences,
                    calib_batch=settings.calib_batch)  # fmt: skip
     dense = load_dense(env)
-    work = args.work / result_name(args)
+    work = args.work / result_name(NAME, args)
     path = mp.save(dense, work / "fp32")
     arms: dict[str, dict[str, Any]] = {"fp32": {
         "recipe": [], "artifact": str(path), "bytes": directory_bytes(path),
@@ -229,11 +230,6 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def result_name(args: argparse.Namespace) -> str:
-    """``sts_svd`` or ``sts_svd-quick``."""
-    return NAME + ("-quick" if args.quick else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write bench/results/sts_svd{-quick}.{json,md}."""
     p = base_parser(__doc__, "stsbenchmark/", "<result name>/<arm>",
@@ -242,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     info = run_info(sys.argv, threads={"compress": settings.threads, "latency": 1})
     data = run(args, settings)
-    info |= {"seed": args.seed, "seconds": data["seconds"]}
-    data["run"] = info
-    paths = write_results(result_name(args), data, markdown(data, info), args.out)
-    log(f"wrote {paths[0]} and {paths[1]}")
-    return 0
+    return finish(result_name(NAME, args), args, info, data, markdown)
 
 
 if __name__ == "__main__":
