@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     env = make_env(args.data, args.seed, test_pairs=settings.test_pairs, calib_sentences=0,
                    calib_batch=1, split="dev" if args.val else "test")  # fmt: skip
     teacher = load_dense(env)
-    work = args.work / result_name(args)
+    work = args.work / shrink_result_name(args)
     path = mp.save(teacher, work / "teacher")
     arms: dict[str, dict[str, Any]] = {"teacher": {
         "recipe": [], "artifact": str(path), "bytes": directory_bytes(path),
@@ -263,7 +263,7 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def result_name(args: argparse.Namespace) -> str:
+def shrink_result_name(args: argparse.Namespace) -> str:
     """``sts_shrink``, plus ``-val`` (with its settings) and ``-quick`` when asked."""
     val = f"-val-lr{args.lr:g}-e{args.epochs}" if args.val else ""
     return NAME + val + ("-quick" if args.quick else "")
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(settings, lr=args.lr, epochs=args.epochs if not args.quick else 1)
     info = run_info(sys.argv, threads={"train": settings.threads, "latency": 1})
     data = run(args, settings)
-    return finish(result_name(args), args, info, data, markdown)
+    return finish(shrink_result_name(args), args, info, data, markdown)
 
 
 if __name__ == "__main__":
