@@ -136,11 +136,15 @@ def base_parser(
     return p
 
 
-def run_info(argv: Sequence[str], *, threads: dict[str, int] | None = None) -> dict[str, Any]:
+def run_info(
+    script: str, argv: Sequence[str] | None, *, threads: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run metadata every result file records: command, commit, date and machine.
 
     Args:
-        argv: ``sys.argv`` of the benchmark.
+        script: the benchmark's file (its ``__file__``), shown as ``python bench/x.py``.
+        argv: the arguments its ``main`` was given; None means the command line's
+            (``sys.argv[1:]``), so a programmatic ``main([...])`` records what it ran.
         threads: the torch thread counts the benchmark uses, e.g. ``{"train": 2, "latency": 1}``.
 
     Returns:
@@ -148,7 +152,7 @@ def run_info(argv: Sequence[str], *, threads: dict[str, int] | None = None) -> d
     """
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "command": command_line(argv),
+        "command": command_line([script, *(sys.argv[1:] if argv is None else argv)]),
         "git_commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
         "machine": {

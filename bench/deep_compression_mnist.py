@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     settings = replace(settings, nets={k: overridden(n, args) for k, n in settings.nets.items()})
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": TRAIN_THREADS, "processes": args.jobs})  # fmt: skip
     data = run(args, settings, name)
     return finish(name, args, info, data, markdown, "\n\n## Entropy coding")

@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--members {args.members}: give 1 (one teacher) or more")
         settings = replace(settings, teacher_members=args.members)
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": TRAIN_THREADS, "processes": args.jobs})  # fmt: skip
     data = run(args, settings)
     return finish(name, args, info, data, markdown, "\n\n## How")

@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS})  # fmt: skip
     data = run(args, settings, name)
     return finish(name, args, info, data, markdown, "\n\n## Stage")

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"finetune_epochs": args.epochs, "finetune_lr": args.lr}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": args.threads, "processes": args.jobs,
                              **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
     data = run(args, settings, name)

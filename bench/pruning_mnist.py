@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = select(Settings().quick() if args.quick else Settings(), args)
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": TRAIN_THREADS, "latency": LATENCY_THREADS,
                              "processes": args.jobs})  # fmt: skip
     data = run(args, settings, name)

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().quick() if args.quick else Settings()
     overrides = {"finetune_epochs": args.epochs, "finetune_lr": args.lr}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    info = run_info(sys.argv, threads={"train": args.threads, "latency": 1})
+    info = run_info(__file__, argv, threads={"train": args.threads, "latency": 1})
     data = run(args, settings)
     return finish(result_name(NAME, args), args, info, data, markdown)
 

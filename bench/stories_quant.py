@@ -359,10 +359,9 @@ def to_markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``bench/results/stories_quant[-quick].{json,md}``."""
     args = parse_args(argv)
-    argv = sys.argv if argv is None else [sys.argv[0], *argv]
     settings = Settings().quick() if args.quick else Settings()
     args.name = NAME + ("-quick" if args.quick else "")
-    info = run_info(argv, threads={"all": args.threads}) | {"seed": args.seed}
+    info = run_info(__file__, argv, threads={"all": args.threads}) | {"seed": args.seed}
     data = run(args, settings)
     info["seconds"] = data["seconds"]
     json_path, md_path = write_results(args.name, {**info, **data}, to_markdown(data, info),

@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = make_settings(args)
     name = result_name(NAME, args)
-    info = run_info(sys.argv if argv is None else [sys.argv[0], *argv],
+    info = run_info(__file__, argv,
                     threads={"train": args.threads, "processes": args.jobs,
                              **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
     data = run(args, settings, name)

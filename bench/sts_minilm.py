@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_arm:
         return profile_child(args, settings)
     args.name = result_name(NAME, args)
-    info = run_info([sys.argv[0], *raw], threads={
+    info = run_info(__file__, raw, threads={
         "compress_and_eval": args.threads, "latency": list(LATENCY_THREADS),
         "benchmark_4": PROFILE_THREADS})  # fmt: skip
     data = run(args, settings, raw)

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
     settings = replace(settings, lr=args.lr, epochs=args.epochs if not args.quick else 1)
-    info = run_info(sys.argv, threads={"train": settings.threads, "latency": 1})
+    info = run_info(__file__, argv, threads={"train": settings.threads, "latency": 1})
     data = run(args, settings)
     return finish(shrink_result_name(args), args, info, data, markdown)
 

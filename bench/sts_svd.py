@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the test subset and the calibration sample")  # fmt: skip
     args = p.parse_args(argv)
     settings = Settings().quick() if args.quick else Settings()
-    info = run_info(sys.argv, threads={"compress": settings.threads, "latency": 1})
+    info = run_info(__file__, argv, threads={"compress": settings.threads, "latency": 1})
     data = run(args, settings)
     return finish(result_name(NAME, args), args, info, data, markdown)
 
