@@ -86,7 +86,8 @@ class Settings:
         )
     )
     latency_samples: int | None = None  # batch-1 timing over this many test images (all)
-    latency_rounds: int = 5  # alternating rounds; the median round is reported
+    latency_rounds: int = 5  # rounds over every image; the median is reported
+    latency_block: int = 50  # images per paired block (every model runs them in turn)
     throughput_rounds: int = 5
     warmup: int = 200  # untimed batch-1 forwards per model before timing
 
@@ -146,51 +147,57 @@ def accuracy_of(model: nn.Module, bundle: mp.DataBundle) -> float:
 
 @torch.inference_mode()
 def batch1_latency(
-    models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: int
+    models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: int, block: int
 ) -> dict[str, dict[str, Any]]:
-    """Mean batch-1 latency per image (total time / images), each model timed over every
-    image of ``x`` once per round, in rounds that alternate the order of the models.
+    """Mean batch-1 latency per image (total time / images) of every model over every image of
+    ``x``, in paired blocks: each block of ``block`` images runs through every model in turn
+    (the order rotating from block to block and round to round), so a burst of load from
+    elsewhere on the machine lands on all models alike instead of on one model's round.
 
     Returns, per model: ``mean_us`` (the median round's mean), every round's mean, the
-    median per-image time, and for an early-exit model the mean time of the images
-    leaving at each exit.
+    median per-image time, ``speedup_vs_first`` (the median over rounds of the first model's
+    round mean over this model's: a paired ratio), and for an early-exit model the mean time
+    of the images leaving at each exit.
     """
     rows = list(x.split(1))
+    names = list(models)
     for model in models.values():
         model.eval()
         for row in rows[:warmup]:
             model(row)
-    per_round: dict[str, list[float]] = {n: [] for n in models}
-    last: dict[str, torch.Tensor] = {}
-    exits: dict[str, torch.Tensor] = {}
+    totals = {n: torch.zeros(rounds, dtype=torch.float64) for n in names}
+    times = {n: torch.empty(len(rows), dtype=torch.float64) for n in names}
+    used = {n: torch.empty(len(rows), dtype=torch.long) for n in names}
+    clock = time.perf_counter_ns
     for r in range(rounds):
-        for name in list(models) if r % 2 == 0 else list(reversed(models)):
-            model = models[name]
-            times = torch.empty(len(rows), dtype=torch.float64)
-            used = torch.empty(len(rows), dtype=torch.long)
-            clock = time.perf_counter_ns
-            for i, row in enumerate(rows):
-                start = clock()
-                model(row)
-                times[i] = clock() - start
-                if isinstance(model, EarlyExitModel):
-                    used[i] = model.last_exit_index[0]
-            per_round[name].append(float(times.mean()) / 1e3)  # us per image
-            last[name], exits[name] = times / 1e3, used
+        for b, lo in enumerate(range(0, len(rows), block)):
+            shift = (b + r) % len(names)
+            for name in names[shift:] + names[:shift]:
+                model, t, u = models[name], times[name], used[name]
+                early = isinstance(model, EarlyExitModel)
+                for i in range(lo, min(lo + block, len(rows))):
+                    start = clock()
+                    model(rows[i])
+                    t[i] = clock() - start
+                    if early:
+                        u[i] = model.last_exit_index[0]
+        for name in names:
+            totals[name][r] = times[name].sum() / 1e3 / len(rows)  # us per image
     out: dict[str, dict[str, Any]] = {}
+    first = totals[names[0]]
     for name, model in models.items():
-        means = torch.tensor(per_round[name])
         out[name] = {
-            "mean_us": float(means.median()),
-            "round_means_us": [round(v, 2) for v in per_round[name]],
-            "median_image_us": float(last[name].median()),
+            "mean_us": float(totals[name].median()),
+            "round_means_us": [round(v, 2) for v in totals[name].tolist()],
+            "median_image_us": float(times[name].median() / 1e3),
+            "speedup_vs_first": float((first / totals[name]).median()),
         }
         if isinstance(model, EarlyExitModel):
-            used = exits[name]
             out[name]["mean_us_by_exit"] = [
-                float(last[name][used == e].mean()) if (used == e).any() else None
+                float(times[name][used[name] == e].mean() / 1e3)
+                if (used[name] == e).any() else None
                 for e in range(len(model.heads) + 1)
-            ]
+            ]  # fmt: skip
     return out
 
 
@@ -232,17 +239,15 @@ def timings(
             with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=enabled):
                 warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 note for Intel GPUs
                 log(f"latency ({label}) ...")
-                b1 = batch1_latency(
-                    {**models, **bounds}, x, settings.latency_rounds, settings.warmup
-                )
+                b1 = batch1_latency({**models, **bounds}, x, settings.latency_rounds,
+                                    settings.warmup, settings.latency_block)  # fmt: skip
                 b64 = throughput(models, x, 64, settings.throughput_rounds)
             out[label] = {n: {"batch1": b1[n], "batch64": b64[n]} for n in models}
-            base_us = b1["baseline"]["mean_us"]
             out[label]["bounds"] = {
-                n: {"mean_us": b1[n]["mean_us"], "speedup": base_us / b1[n]["mean_us"]}
+                n: {"mean_us": b1[n]["mean_us"], "speedup": b1[n]["speedup_vs_first"]}
                 for n in bounds
             }
-            out[label]["speedup_batch1"] = base_us / b1["early_exit"]["mean_us"]
+            out[label]["speedup_batch1"] = b1["early_exit"]["speedup_vs_first"]
             out[label]["speedup_batch64"] = (
                 b64["early_exit"]["images_per_s"] / b64["baseline"]["images_per_s"]
             )
@@ -453,9 +458,13 @@ def _explanation(data: dict[str, Any]) -> str:
         f"calibrate). Exit: `early_exit.branches` with {s['exits']}, joint loss with equal "
         "weights. Latency: each model runs every one of the "
         f"{data['latency_images']:,} images once per round at batch 1 (torch eager, "
-        f"{LATENCY_THREADS} thread, `inference_mode`), {s['latency_rounds']} rounds "
-        "alternating the order of the models; mean = total time / images, the median round is "
-        "reported. The early-exit model is the artifact reloaded with `modelpress.load`. "
+        f"{LATENCY_THREADS} thread, `inference_mode`), in paired blocks: every block of "
+        f"{s['latency_block']} images runs through each model in turn, the order rotating from "
+        f"block to block, so load from elsewhere falls on both models alike; "
+        f"{s['latency_rounds']} rounds, mean = total time / images, the median round is "
+        "reported, and the speedup is the median over rounds of the baseline's mean over the "
+        "early-exit model's in the same round. The early-exit model is the artifact reloaded "
+        "with `modelpress.load`. "
         f"Mean batch-1 time of the images leaving at each exit: {by_exit_text}. Throughput: "
         f"the same images in batches of 64, {s['throughput_rounds']} alternating rounds, "
         "median. *oneDNN off* repeats the timing with `torch.backends.mkldnn.flags(enabled="
