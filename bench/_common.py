@@ -324,32 +324,44 @@ def interleaved_latency(
     rounds: int,
     warmup: int,
     threads: int,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Forward latency (ms) of each model at each batch size, timed in interleaved rounds.
 
-    ``runs`` timed runs are split into ``rounds`` rounds and every round times each model in
-    turn, so background load on the machine hits all models alike. Reported per model and
-    batch size ``b``: ``b{b}_median_ms`` (the median of the round medians) and the lowest and
-    highest round medians.
+    For each batch size in turn, ``runs`` timed runs are split into ``rounds`` rounds and every
+    round times each model in turn (``warmup`` untimed runs, then ``runs // rounds`` timed), so
+    background load on the machine hits all models alike; a round holds one batch size only,
+    which keeps batch-1 rounds short. Reported per model and batch size ``b``:
+    ``b{b}_median_ms`` (the median of the round medians), the lowest and highest round medians,
+    and ``b{b}_round_ms`` (every round's median, in order, for paired ratios between models:
+    :func:`paired_speedup`).
     """
     per_round = max(runs // rounds, 1)
     medians: dict[tuple[str, int], list[float]] = {}
-    for _ in range(rounds):
-        for name, model in models.items():
-            for batch in batches:
+    for batch in batches:
+        for _ in range(rounds):
+            for name, model in models.items():
                 lat = measure_latency(
                     model, x[:batch], runs=per_round, warmup=warmup, threads=threads
                 )
                 medians.setdefault((name, batch), []).append(lat.median_ms)
-    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    out: dict[str, dict[str, Any]] = {name: {} for name in models}
     for (name, batch), values in medians.items():
         t = torch.tensor(values, dtype=torch.float64)
         out[name] |= {
             f"b{batch}_median_ms": float(t.median()),
             f"b{batch}_min_round_ms": float(t.min()),
             f"b{batch}_max_round_ms": float(t.max()),
+            f"b{batch}_round_ms": [round(v, 4) for v in values],
         }
     return out
+
+
+def paired_speedup(reference: Sequence[float], model: Sequence[float]) -> float:
+    """The median over rounds of ``reference[r] / model[r]``: a speedup from round medians
+    timed side by side (:func:`interleaved_latency`), so a slow stretch of the machine that
+    hits both in one round cancels out of that round's ratio."""
+    ratios = torch.tensor(reference, dtype=torch.float64) / torch.tensor(model, dtype=torch.float64)
+    return float(ratios.median())
 
 
 def in_processes(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ from _common import (
     log,
     main_guard,
     markdown_table,
+    paired_speedup,
     result_name,
     run_info,
     run_info_markdown,
@@ -381,6 +383,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "many processes (--threads each; default 2); latency is always measured "
                    "afterwards in the main process")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the result name, e.g. for a sweep")
+    p.add_argument("--remeasure", action="store_true", help="no training: time again the "
+                   "models of the earlier run with the same options (its JSON in --out, its "
+                   "models in --work) and write *-remeasured files")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -488,6 +493,45 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
     return data
 
 
+def remeasure(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, Any]:
+    """The earlier run ``name``'s results with every model timed again (no training): the
+    accuracies and models stay, latency, speedups and verdicts are new.
+
+    Raises:
+        BenchError: that run's JSON or one of its model files is missing.
+    """
+    t0 = time.perf_counter()
+    path = args.out / f"{name}.json"
+    if not path.is_file():
+        raise BenchError(f"--remeasure: no earlier result {path}; run the benchmark with the "
+                         "same options first (or point --out at its results)")  # fmt: skip
+    data = json.loads(path.read_text(encoding="utf-8"))
+    earlier = data.pop("run")
+    models = data["models"]
+    files = [models["baseline"]["artifact"]]
+    files += [m[k] for m in models.values() for k in ("model_file", "unrounded_file") if k in m]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise BenchError(f"--remeasure: {missing[0]} is gone; rerun the benchmark without "
+                         "--remeasure to rebuild its models")  # fmt: skip
+    splits = load_splits(data_dir(args.data, require="cifar10"), args.val, settings, args.seed)
+    log("latency ...")
+    baseline = mp.load(models["baseline"]["artifact"]).eval()
+    records = {arm: m for arm, m in models.items() if "model_file" in m}
+    rows, latency = measure_models(baseline, records, splits, settings, args.work / name)
+    for model, row in rows.items():
+        models[model]["onnx"] = row["onnx"]
+    data |= {
+        "settings": asdict(settings),
+        "latency": latency,
+        "latency_seconds": time.perf_counter() - t0,
+        "remeasured_from": {k: earlier[k] for k in ("command", "git_commit", "date")},
+        "seconds": time.perf_counter() - t0,
+    }
+    add_ratios(data)
+    return data
+
+
 def _ort_version() -> str:
     import onnxruntime
 
@@ -513,7 +557,12 @@ def add_ratios(data: dict[str, Any]) -> None:
                 for key, value in entry.items():
                     if key.endswith("_median_ms"):
                         b = key.removesuffix("_median_ms")
-                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = ref[key] / value
+                        rounds = f"{b}_round_ms"
+                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = (
+                            paired_speedup(ref[rounds], entry[rounds])
+                            if rounds in entry
+                            else ref[key] / value  # a result written before rounds were kept
+                        )
         m["speedup"] = speedups
         if name != "baseline" and "delta_pp" in m:
             m["verdict"] = verdict(m, speedups[first])
@@ -646,6 +695,13 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
     title = "# Structured pruning of ResNet-20 on CIFAR-10 (JPEG) to half the FLOPs"
     title += " (quick smoke run)" if quick else ""
     title += " — validation run (for tuning; not the reported result)" if val else ""
+    if "remeasured_from" in data:
+        r = data["remeasured_from"]
+        title += (
+            f"\n\nLatency re-measured without training (`--remeasure`): the models and "
+            f"accuracies are those of the run of {r['date']} (commit `{r['git_commit'][:7]}`, "
+            f"`{r['command']}`)."
+        )
     s, base = data["settings"], data["models"]["baseline"]
     threads = [f"threads_{t}" for t in s["latency_threads"]]
     parts = [
@@ -714,8 +770,9 @@ def _setup_text(data: dict[str, Any], base: dict[str, Any]) -> str:
         f"sequential) on an ONNX file exported with the {onnx['exporter']} exporter (checked "
         "against eager), median of round medians over "
         f"{s['latency_runs']} runs in {s['latency_rounds']} rounds that alternate between all "
-        f"models and runtimes ({s['latency_warmup']} warm-up runs per round); speedup = "
-        "baseline median / model median. The `round_to 1, not fine-tuned` rows are the same "
+        f"models and runtimes ({s['latency_warmup']} warm-up runs per round), one batch size "
+        "per round; speedup = the median over rounds of the baseline's round median / the "
+        "model's (a paired ratio). The `round_to 1, not fine-tuned` rows are the same "
         "pruning without rounding the channel counts, timed only (their accuracy is not "
         "measured): they show what the rounding is for."
     )
@@ -729,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info(__file__, argv,
                     threads={"train": args.threads, "processes": args.jobs,
                              **{f"latency_{t}": t for t in settings.latency_threads}})  # fmt: skip
+    if args.remeasure:
+        data = remeasure(args, settings, name)
+        return finish(f"{name}-remeasured", args, info, data, markdown, "\n\n## Arms")
     data = run(args, settings, name)
     est = data["estimate_full_run"]
     log("estimated full run: " + ", ".join(f"{k} {v:.0f}" for k, v in est.items()))
