@@ -10,7 +10,6 @@ stderr and exit code 2, as the ``modelpress`` CLI does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import multiprocessing
@@ -19,7 +18,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,8 +28,7 @@ from torch.utils.data import TensorDataset
 
 import modelpress
 from modelpress.errors import ModelpressError
-from modelpress.measure import accuracy
-from modelpress.measure.flops import call_model, eval_mode
+from modelpress.measure import accuracy, measure_latency
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -328,44 +325,25 @@ def interleaved_latency(
     warmup: int,
     threads: int,
 ) -> dict[str, dict[str, Any]]:
-    """Forward latency (ms) of each model at each batch size, timed run by run in turn.
+    """Forward latency (ms) of each model at each batch size, timed in interleaved rounds.
 
-    For each batch size, ``runs`` timed runs per model are split into ``rounds`` rounds. A
-    round warms every model up (``warmup`` untimed runs each), then times one run of each
-    model in turn, ``runs // rounds`` times over (the order rotating), so a slow stretch of the
-    machine -- this VM switches between a fast and a ~40 % slower state every second or so --
-    falls on every model alike instead of on whichever model was being timed. Reported per
-    model and batch size ``b``: ``b{b}_median_ms`` (the median of the round medians), the
-    lowest and highest round medians, and ``b{b}_round_ms`` (every round's median, in order,
-    for paired ratios between models: :func:`paired_speedup`).
+    For each batch size in turn, ``runs`` timed runs are split into ``rounds`` rounds and every
+    round times each model in turn (``warmup`` untimed runs, then ``runs // rounds`` timed), so
+    background load on the machine hits all models alike; a round holds one batch size only,
+    which keeps batch-1 rounds short. Reported per model and batch size ``b``:
+    ``b{b}_median_ms`` (the median of the round medians), the lowest and highest round medians,
+    and ``b{b}_round_ms`` (every round's median, in order, for paired ratios between models:
+    :func:`paired_speedup`).
     """
-    names = list(models)
     per_round = max(runs // rounds, 1)
     medians: dict[tuple[str, int], list[float]] = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with contextlib.ExitStack() as stack, torch.inference_mode():
-            for model in models.values():
-                stack.enter_context(eval_mode(model))
-            for batch in batches:
-                inputs = x[:batch]
-                for _ in range(rounds):
-                    for model in models.values():
-                        for _ in range(warmup):
-                            call_model(model, inputs)
-                    times: dict[str, list[int]] = {name: [] for name in names}
-                    for i in range(per_round):
-                        shift = i % len(names)
-                        for name in names[shift:] + names[:shift]:
-                            start = time.perf_counter_ns()
-                            call_model(models[name], inputs)
-                            times[name].append(time.perf_counter_ns() - start)
-                    for name in names:
-                        ms = torch.tensor(times[name], dtype=torch.float64).median() / 1e6
-                        medians.setdefault((name, batch), []).append(float(ms))
-    finally:
-        torch.set_num_threads(previous)
+    for batch in batches:
+        for _ in range(rounds):
+            for name, model in models.items():
+                lat = measure_latency(
+                    model, x[:batch], runs=per_round, warmup=warmup, threads=threads
+                )
+                medians.setdefault((name, batch), []).append(lat.median_ms)
     out: dict[str, dict[str, Any]] = {name: {} for name in models}
     for (name, batch), values in medians.items():
         t = torch.tensor(values, dtype=torch.float64)
