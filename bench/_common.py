@@ -330,7 +330,10 @@ def interleaved_latency(
     For each batch size in turn, ``runs`` timed runs are split into ``rounds`` rounds and every
     round times each model in turn (``warmup`` untimed runs, then ``runs // rounds`` timed), so
     background load on the machine hits all models alike; a round holds one batch size only,
-    which keeps batch-1 rounds short. Reported per model and batch size ``b``:
+    which keeps batch-1 rounds short (many short rounds pair best: a slow phase of the machine
+    that covers a whole round cancels out of that round's ratios). Each model runs its
+    ``warmup`` and timed runs back to back, so it is timed with warm caches, as it would run
+    alone. Reported per model and batch size ``b``:
     ``b{b}_median_ms`` (the median of the round medians), the lowest and highest round medians,
     and ``b{b}_round_ms`` (every round's median, in order, for paired ratios between models:
     :func:`paired_speedup`).

@@ -132,8 +132,10 @@ class Settings(TrainingSettings):
     latency_threads: tuple[int, ...] = (1, 2)
     latency_batches: tuple[int, ...] = (1, 64)
     latency_runs: int = 100
-    latency_rounds: int = 10
-    latency_warmup: int = 3
+    # short rounds: this VM switches between a fast and a ~40 % slower phase every second or
+    # so, and a paired ratio only cancels a phase that lasts the whole round
+    latency_rounds: int = 25
+    latency_warmup: int = 2
 
     def quick(self) -> Settings:
         """The smoke-run version: 1,024 training and 500 evaluation images, 1 + 1 epochs."""
