@@ -336,7 +336,7 @@ def interleaved_latency(
     alone. Reported per model and batch size ``b``:
     ``b{b}_median_ms`` (the median of the round medians), the lowest and highest round medians,
     and ``b{b}_round_ms`` (every round's median, in order, for paired ratios between models:
-    :func:`paired_speedup`).
+    :func:`speedup`).
     """
     per_round = max(runs // rounds, 1)
     medians: dict[tuple[str, int], list[float]] = {}
@@ -359,12 +359,18 @@ def interleaved_latency(
     return out
 
 
-def paired_speedup(reference: Sequence[float], model: Sequence[float]) -> float:
-    """The median over rounds of ``reference[r] / model[r]``: a speedup from round medians
-    timed side by side (:func:`interleaved_latency`), so a slow stretch of the machine that
-    hits both in one round cancels out of that round's ratio."""
-    ratios = torch.tensor(reference, dtype=torch.float64) / torch.tensor(model, dtype=torch.float64)
-    return float(ratios.median())
+def speedup(reference: dict[str, Any], model: dict[str, Any], batch: int | str) -> float:
+    """How many times faster ``model`` ran than ``reference`` at batch size ``batch``, from two
+    :func:`interleaved_latency` entries: the median over rounds of the per-round ratio of
+    their round medians (paired: a slow stretch of the machine that covers a round cancels
+    out), or the ratio of the medians for entries written before rounds were kept."""
+    rounds, median = f"b{batch}_round_ms", f"b{batch}_median_ms"
+    if rounds in reference and rounds in model:
+        ratios = torch.tensor(reference[rounds], dtype=torch.float64) / torch.tensor(
+            model[rounds], dtype=torch.float64
+        )
+        return float(ratios.median())
+    return reference[median] / model[median]
 
 
 def in_processes(

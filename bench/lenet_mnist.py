@@ -52,6 +52,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 
 NAME = "lenet_mnist"
@@ -232,7 +233,7 @@ def summarise(base: dict[str, Any], var: dict[str, Any]) -> None:
     var["ratio"] = base["state_dict_bytes"] / var["bytes"]
     var["error_increase_pp"] = 100.0 * (var["test_errors"] - base["test_errors"]) / base["n"]
     for b in ("b1", "b64"):
-        var[f"{b}_speedup"] = base["latency"][f"{b}_median_ms"] / var["latency"][f"{b}_median_ms"]
+        var[f"{b}_speedup"] = speedup(base["latency"], var["latency"], b.removeprefix("b"))
     var["meets_target"] = bool(
         var["ratio"] >= TARGET_RATIO and var["error_increase_pp"] <= TARGET_ERROR_PP + 1e-9
     )

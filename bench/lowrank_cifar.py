@@ -67,6 +67,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 from _onnx import eager_and_ort_latency, exporter_name
 
@@ -196,7 +197,7 @@ def add_ratios(data: dict[str, Any]) -> None:
         m["accuracy_pct"] = 100 * m["correct"] / n
         m["delta_pp"] = 100 * (m["correct"] - base["correct"]) / n
         m["speedup"] = {
-            threads: {f"{rt}_b{b}": per["baseline"][rt][f"b{b}_median_ms"] / e[f"b{b}_median_ms"]
+            threads: {f"{rt}_b{b}": speedup(per["baseline"][rt], e, b)
                       for rt, e in per[name].items() for b in data["settings"]["latency_batches"]}
             for threads, per in data["latency"].items()
         }  # fmt: skip
@@ -363,7 +364,8 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         "`modelpress.measure.count_flops` (2 per multiply-accumulate). Latency: torch eager and "
         "onnxruntime (fp32 ONNX, checked against eager) in rounds interleaving every model and "
         f"runtime ({s['latency_runs']} runs in {s['latency_rounds']} rounds); speedup = "
-        "baseline median / model median. Artifact bytes: the whole artifact directory.",
+        "the median over rounds of the baseline's round median / the model's (paired). "
+        "Artifact bytes: the whole artifact directory.",
         "## Run",
         run_info_markdown(info),
     ]

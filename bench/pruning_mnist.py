@@ -64,6 +64,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 
 NAME = "pruning_mnist"
@@ -361,9 +362,7 @@ def run(args: argparse.Namespace, settings: Settings, name: str) -> dict[str, An
         res["baseline"]["latency"] = lat.pop("baseline")
         for v, entry in lat.items():
             res["variants"][v]["latency"] = entry
-            res["variants"][v]["b1_speedup"] = (
-                res["baseline"]["latency"]["b1_median_ms"] / entry["b1_median_ms"]
-            )
+            res["variants"][v]["b1_speedup"] = speedup(res["baseline"]["latency"], entry, 1)
     for res in nets.values():
         ok = [v for v in res["variants"].values() if v["error_increase_pp"] <= TARGET_ERROR_PP
               + 1e-9]  # fmt: skip

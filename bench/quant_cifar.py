@@ -72,6 +72,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 
 NAME = "quant_cifar"
@@ -262,8 +263,8 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
                           rows, "lrrrrl")]  # fmt: skip
     lat = data["latency_threads_1"]
     if lat:
-        base_ms = {b: lat["baseline eager"][f"b{b}_median_ms"] for b in (1, 64)}
-        lrows = [[name, *(f"{v[f'b{b}_median_ms']:.3f} ms ({base_ms[b] / v[f'b{b}_median_ms']:.2f}×)"
+        base = lat["baseline eager"]
+        lrows = [[name, *(f"{v[f'b{b}_median_ms']:.3f} ms ({speedup(base, v, b):.2f}×)"
                           for b in (1, 64))] for name, v in lat.items()]  # fmt: skip
         out += [
             "",

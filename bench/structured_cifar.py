@@ -78,10 +78,10 @@ from _common import (
     log,
     main_guard,
     markdown_table,
-    paired_speedup,
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 from _onnx import eager_and_ort_latency, exporter_name
 
@@ -556,14 +556,11 @@ def add_ratios(data: dict[str, Any]) -> None:
         for threads, per_model in data["latency"].items():
             for runtime, entry in per_model[name].items():
                 ref = per_model["baseline"][runtime]
-                for key, value in entry.items():
+                for key in entry:
                     if key.endswith("_median_ms"):
                         b = key.removesuffix("_median_ms")
-                        rounds = f"{b}_round_ms"
-                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = (
-                            paired_speedup(ref[rounds], entry[rounds])
-                            if rounds in entry
-                            else ref[key] / value  # a result written before rounds were kept
+                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = speedup(
+                            ref, entry, b.removeprefix("b")
                         )
         m["speedup"] = speedups
         if name != "baseline" and "delta_pp" in m:

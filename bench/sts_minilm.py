@@ -68,6 +68,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 from _sts import (
     LATENCY_BATCH,
@@ -360,9 +361,8 @@ def latencies(arms: dict[str, dict[str, Any]], env: Env, settings: Settings) -> 
         for key, entry in lat.items():
             arms[key].setdefault("latency", {})[f"t{threads}"] = entry
     dense = arms["dense"]["latency"]
-    ms = f"b{LATENCY_BATCH}_median_ms"
     for rec in arms.values():
-        rec["speedup"] = {t: dense[t][ms] / v[ms] for t, v in rec["latency"].items()}
+        rec["speedup"] = {t: speedup(dense[t], v, LATENCY_BATCH) for t, v in rec["latency"].items()}
 
 
 # --------------------------------------------------------------------------- run

@@ -75,6 +75,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 from _sts import (
     LATENCY_BATCH,
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         rec["spearman_delta"] = rec["spearman"] - base["spearman"]
         rec["smaller"] = fp32_file / rec["bytes"]
         rec["latency"] = lat[key]
-        rec["speedup"] = {f"b{b}": lat["fp32 torch"][f"b{b}_median_ms"] / lat[key][f"b{b}_median_ms"]
+        rec["speedup"] = {f"b{b}": speedup(lat["fp32 torch"], lat[key], b)
                           for b in LATENCY_BATCHES}  # fmt: skip
     return {
         "benchmark": NAME, "mode": "quick" if args.quick else "full",

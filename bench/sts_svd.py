@@ -56,6 +56,7 @@ from _common import (
     result_name,
     run_info,
     run_info_markdown,
+    speedup,
 )
 from _sts import LATENCY_BATCH, Env, PackedEncoder, load_dense, make_env, pack, sts_spearman
 
@@ -182,7 +183,7 @@ def summarize(arms: dict[str, dict[str, Any]], lat: dict[str, dict[str, float]])
         rec["params_kept"] = rec["params"] / base["params"]
         rec["smaller"] = base["bytes"] / rec["bytes"]
         rec["latency"] = lat[key]
-        rec["speedup"] = {f"b{b}": lat["fp32"][f"b{b}_median_ms"] / lat[key][f"b{b}_median_ms"]
+        rec["speedup"] = {f"b{b}": speedup(lat["fp32"], lat[key], b)
                           for b in LATENCY_BATCHES}  # fmt: skip
 
 
