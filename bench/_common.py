@@ -366,11 +366,15 @@ def speedup(reference: dict[str, Any], model: dict[str, Any], batch: int | str) 
     out), or the ratio of the medians for entries written before rounds were kept."""
     rounds, median = f"b{batch}_round_ms", f"b{batch}_median_ms"
     if rounds in reference and rounds in model:
-        ratios = torch.tensor(reference[rounds], dtype=torch.float64) / torch.tensor(
-            model[rounds], dtype=torch.float64
-        )
-        return float(ratios.median())
+        return median_ratio(reference[rounds], model[rounds])
     return reference[median] / model[median]
+
+
+def median_ratio(reference: Sequence[float], model: Sequence[float]) -> float:
+    """``median_r(reference[r] / model[r])``: a paired speedup from per-round times of two
+    models measured side by side in the same rounds."""
+    ratios = torch.tensor(reference, dtype=torch.float64) / torch.tensor(model, dtype=torch.float64)
+    return float(ratios.median())
 
 
 def in_processes(

@@ -46,6 +46,7 @@ from _common import (
     log,
     main_guard,
     markdown_table,
+    median_ratio,
     mnist_bundle,
     result_name,
     run_info,
@@ -190,7 +191,7 @@ def batch1_latency(
             "mean_us": float(totals[name].median()),
             "round_means_us": [round(v, 2) for v in totals[name].tolist()],
             "median_image_us": float(times[name].median() / 1e3),
-            "speedup_vs_first": float((first / totals[name]).median()),
+            "speedup_vs_first": median_ratio(first.tolist(), totals[name].tolist()),
         }
         if isinstance(model, EarlyExitModel):
             out[name]["mean_us_by_exit"] = [

@@ -232,8 +232,8 @@ def summarise(base: dict[str, Any], var: dict[str, Any]) -> None:
     """Add ratio, error increase, speedups and the target verdict to a variant record."""
     var["ratio"] = base["state_dict_bytes"] / var["bytes"]
     var["error_increase_pp"] = 100.0 * (var["test_errors"] - base["test_errors"]) / base["n"]
-    for b in ("b1", "b64"):
-        var[f"{b}_speedup"] = speedup(base["latency"], var["latency"], b.removeprefix("b"))
+    for b in (1, 64):
+        var[f"b{b}_speedup"] = speedup(base["latency"], var["latency"], b)
     var["meets_target"] = bool(
         var["ratio"] >= TARGET_RATIO and var["error_increase_pp"] <= TARGET_ERROR_PP + 1e-9
     )
