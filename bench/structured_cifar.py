@@ -556,12 +556,8 @@ def add_ratios(data: dict[str, Any]) -> None:
         for threads, per_model in data["latency"].items():
             for runtime, entry in per_model[name].items():
                 ref = per_model["baseline"][runtime]
-                for key in entry:
-                    if key.endswith("_median_ms"):
-                        b = key.removesuffix("_median_ms")
-                        speedups.setdefault(threads, {})[f"{runtime}_{b}"] = speedup(
-                            ref, entry, b.removeprefix("b")
-                        )
+                for b in data["settings"]["latency_batches"]:
+                    speedups.setdefault(threads, {})[f"{runtime}_b{b}"] = speedup(ref, entry, b)
         m["speedup"] = speedups
         if name != "baseline" and "delta_pp" in m:
             m["verdict"] = verdict(m, speedups[first])
