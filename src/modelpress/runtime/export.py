@@ -15,26 +15,36 @@ a small module whose ``torch.autograd.Function`` computes the same result in tor
 ``symbolic`` that emits the ONNX nodes; then the TorchScript exporter (``dynamo=False``:
 ``onnxscript`` is not a dependency) traces the copy. Layer names, shapes and the rest of the
 graph come from the real model. The input model is never changed.
+
+Early-exit models (``early_exit.branches``) are exported as their cascade: the backbone is cut
+at each enabled exit and the exit tests become ``If`` branches, so the ONNX file stops at the
+first confident exit per sample as the torch model does
+(:mod:`modelpress.techniques.early_exit.cascade`).
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import Tensor, nn
 
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.parametrizations import baked_copy
+from modelpress.runtime.cascade import PieceExporter, cascade_model
 from modelpress.runtime.layers import WeightCodes, layer_kind, read_weight
 from modelpress.runtime.nbits import NBitsEmbedding, NBitsLinear
 from modelpress.runtime.qdq import DynamicInt8Layer, QDQLayer, QuantizedInput
+from modelpress.techniques.early_exit.model import EarlyExitModel
 from modelpress.techniques.quantization.activation import ATTR, InputQuantizer, input_quantizer
 
 MODES = ("quant", "fp32", "fp16")
@@ -81,8 +91,8 @@ def export_onnx(
     Raises:
         ConfigError: an unknown ``mode`` or ``opset`` out of range.
         DataError: ``example_inputs`` is not tensors, or the model returns non-tensors.
-        UnsupportedModuleError: a layer cannot be exported in ``mode`` (names the layer);
-            raised before anything is written.
+        UnsupportedModuleError: a layer cannot be exported in ``mode`` (names the layer), or
+            an early-exit model cannot be cut at its exits; raised before anything is written.
     """
     if mode not in MODES:
         raise ConfigError(f"The 'mode' parameter of export_onnx must be one of {MODES}. "
@@ -98,15 +108,62 @@ def export_onnx(
     if mode == "fp16":
         clone = clone.half()
         tensors = [t.half() if t.is_floating_point() else t for t in tensors]
+    dest = Path(path).expanduser()
+    contrib = any(k in ("nbits", "gather_nbits") for k in kinds.values())
+    early_exit = _early_exit(clone, tensors)
+    if early_exit is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = cascade_model(early_exit, tensors[0], _piece_exporter(Path(tmp), opset, contrib),
+                                  input_name=names[0], output_name="output", opset=opset)  # fmt: skip
+        _atomically(dest, lambda tmp_path: onnx.save(graph, str(tmp_path)))
+        return ExportResult(dest, mode, dest.stat().st_size, names, ["output"], kinds)
     flat = _Flat(clone, names if as_kwargs else None).eval()
     with torch.no_grad():
         outputs = flat(*tensors)
     output_names = flat.output_names
     axes = _dynamic_axes(names, tensors, output_names, outputs) if dynamic else None
-    dest = Path(path).expanduser()
-    contrib = any(k in ("nbits", "gather_nbits") for k in kinds.values())
     _write(flat, tuple(tensors), dest, names, output_names, axes, opset, contrib)
     return ExportResult(dest, mode, dest.stat().st_size, names, output_names, kinds)
+
+
+def _early_exit(model: nn.Module, tensors: list[Tensor]) -> EarlyExitModel | None:
+    """``model`` if it is an early-exit model with an exit that can fire (exported as its
+    cascade), else None (exported by tracing, exact when no exit can fire).
+
+    Raises:
+        UnsupportedModuleError: exits inside a wrapper, or more than one input.
+    """
+    inner = [name for name, m in model.named_modules() if isinstance(m, EarlyExitModel)]
+    if not inner:
+        return None
+    if inner != [""]:
+        raise UnsupportedModuleError(
+            f"{inner[0]}: an early-exit model can be exported only as the top-level model; "
+            "export it on its own."
+        )
+    if all(t is None for t in model.threshold_values()):  # type: ignore[operator]
+        return None
+    if len(tensors) != 1:
+        raise UnsupportedModuleError(
+            f"early_exit export: the model takes {len(tensors)} inputs; export supports one."
+        )
+    return model  # type: ignore[return-value]
+
+
+def _piece_exporter(folder: Path, opset: int, contrib: bool) -> PieceExporter:
+    """Exports one piece of an early-exit model (one tensor in and out) through ``folder``."""
+    count = itertools.count()
+
+    def export_piece(module: nn.Module, x: Tensor) -> onnx.ModelProto:
+        flat = _Flat(module, None).eval()
+        with torch.no_grad():
+            outputs = flat(x)
+        path = folder / f"piece{next(count)}.onnx"
+        axes = _dynamic_axes(["x"], [x], flat.output_names, outputs)
+        _write(flat, (x,), path, ["x"], flat.output_names, axes, opset, contrib)
+        return onnx.load(str(path))
+
+    return export_piece
 
 
 def _inputs(model: nn.Module, example_inputs: Any) -> tuple[list[str], list[Tensor], bool]:
@@ -273,17 +330,27 @@ def _write(
     opset: int,
     contrib: bool,
 ) -> None:
-    """Trace ``flat`` into ``dest`` through a temporary file in the same folder; ``contrib``
-    declares onnxruntime's ``com.microsoft`` domain."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
+    """Trace ``flat`` into ``dest`` (atomically); ``contrib`` declares onnxruntime's
+    ``com.microsoft`` domain."""
+
+    def export(tmp: Path) -> None:
         with warnings.catch_warnings():  # the TorchScript exporter and HF tracing warn a lot
             warnings.simplefilter("ignore")
             torch.onnx.export(flat, args, str(tmp), input_names=names,
                               output_names=output_names, dynamic_axes=axes,
                               opset_version=opset, custom_opsets={CONTRIB: 1} if contrib else None,
                               do_constant_folding=True, dynamo=False)  # fmt: skip
+
+    _atomically(dest, export)
+
+
+def _atomically(dest: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file in ``dest``'s folder, then rename it to ``dest``: a failed
+    export leaves nothing behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

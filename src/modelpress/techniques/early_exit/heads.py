@@ -70,13 +70,16 @@ def init_head(head: ExitHead, generator: torch.Generator) -> ExitHead:
 def entropy(logits: Tensor) -> Tensor:
     """Softmax entropy per row, ``H(p) = -sum_k p_k log p_k`` in nats (BranchyNet's score).
 
+    Computed as ``-sum_k softmax_k * log_softmax_k``: exact for tiny probabilities, and made
+    of operators TorchScript and ONNX export (the exported cascade tests the same formula).
+
     Args:
         logits: ``(B, K)`` class logits.
 
     Returns:
         ``(B,)`` entropies in ``[0, log K]``.
     """
-    return torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)
+    return -(torch.softmax(logits, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(-1)
 
 
 def max_prob(logits: Tensor) -> Tensor:
