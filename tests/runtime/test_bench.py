@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,20 @@ ROWS = [
     ("onnxruntime fp32 (uncompressed)", "onnxruntime"),
     ("onnxruntime (compressed)", "onnxruntime"),
 ]
+
+
+def test_an_early_exit_artifact_reports_the_share_leaving_early(trained, tmp_path):
+    model, digits = trained
+    recipe = [mp.Stage.of("early_exit.branches", exits=["relu1"], thresholds=[1e9]),  # all leave
+              mp.Stage.of("train", epochs=1)]  # fmt: skip
+    path = mp.compress(copy.deepcopy(model), recipe, data=digits, latency_runs=0).save(
+        tmp_path / "ee"
+    )
+    report = bench_artifact(path, batch_size=4, runs=1, warmup=1)
+    assert report.left_early == 1.0
+    assert [(r.name, r.runtime) for r in report.rows] == ROWS
+    result = runner.invoke(app, ["bench", str(path), "--runs", "1", "--warmup", "1"])
+    assert result.exit_code == 0 and "100% of these random inputs left at an exit" in result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,7 @@ def export_onnx(
         mode: ``"quant"``, ``"fp32"`` or ``"fp16"`` (see the module docstring).
         opset: ONNX opset of the default domain, 17..20.
         dynamic: make the batch axis (and the sequence axis of integer token inputs) dynamic.
+            An early-exit model's batch axis is always dynamic: samples leave it.
 
     Returns:
         An :class:`ExportResult` (file size, input/output names, kind of each quantized layer).
