@@ -28,7 +28,9 @@ from modelpress.recipe import Recipe, builtin_recipes
 
 runner = CliRunner()
 
-COMMANDS = ["demo", "train", "compress", "inspect", "eval", "bench", "techniques", "recipes"]
+COMMANDS = [
+    "demo", "train", "compress", "inspect", "eval", "bench", "export", "techniques", "recipes"
+]  # fmt: skip
 ACCURACY = re.compile(r"^accuracy: (\d\.\d{4})", re.MULTILINE)
 
 
@@ -282,6 +284,50 @@ def test_main_missing_data_dir_names_path(
     assert code == 2
     line = one_error_line(err)
     assert line.startswith("error: mnist: ") and str(missing) in line
+
+
+def test_export_writes_an_onnx_file_that_matches_the_artifact(
+    demo: DemoRun, tmp_path: Path
+) -> None:
+    import torch
+
+    from modelpress.data import load_data
+    from modelpress.runtime import OrtModule
+    from modelpress.runtime.artifact import load_quantized
+
+    dest = tmp_path / "onnx" / "demo.onnx"
+    stdout = invoke("export", str(demo.path), str(dest), "--mode", "fp32")
+    assert f"wrote {dest}: {dest.stat().st_size:,} bytes (fp32" in stdout
+    x = load_data("digits").test.tensors[0][:16]
+    with torch.no_grad():
+        expected = load_quantized(demo.path).eval()(x)
+    assert torch.allclose(OrtModule(dest)(x), expected, atol=1e-5)  # batch axis dynamic
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "int3"], "The 'mode' parameter of export_onnx must be one of"),
+        (["--input-shape", "1x8x8"], "--input-shape must be integers separated by commas"),
+        (["--opset", "12"], "The 'opset' parameter of export_onnx must be an int in [17, 20]"),
+    ],
+)
+def test_main_export_bad_options_write_nothing(
+    demo: DemoRun, tmp_path: Path, run_main: MainRunner, args: list[str], message: str
+) -> None:
+    code, _, err = run_main("export", str(demo.path), str(tmp_path / "m.onnx"), *args)
+    assert code == 2 and message in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_export_onto_a_directory_names_it(
+    demo: DemoRun, tmp_path: Path, run_main: MainRunner
+) -> None:
+    code, _, err = run_main("export", str(demo.path), str(tmp_path))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: {tmp_path} is a directory; give the file to write, e.g. {tmp_path}/model.onnx."
+    )
 
 
 def test_main_unknown_model_scheme_suggests(run_main: MainRunner) -> None:

@@ -186,18 +186,9 @@ def bench(
     """
     import json
 
-    from modelpress.errors import ConfigError
     from modelpress.runtime.bench import bench_artifact, bench_table
 
-    shape = None
-    if input_shape is not None:
-        try:
-            shape = tuple(int(d) for d in input_shape.split(","))
-        except ValueError:
-            raise ConfigError(
-                f"--input-shape must be integers separated by commas (e.g. 1,8,8); got "
-                f"{input_shape!r}."
-            ) from None
+    shape = _shape(input_shape)
     with err.status(f"exporting {path} to ONNX and timing 4 configurations"):
         report = bench_artifact(path, batch_size=batch_size, seq_len=seq_len, threads=threads,
                                 runs=runs, warmup=warmup, input_shape=shape)  # fmt: skip
@@ -205,6 +196,59 @@ def bench(
         typer.echo(json.dumps(report.to_dict(), indent=2))  # plain: never wrapped
     else:
         out.print(bench_table(report))
+
+
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    dest: Annotated[Path, typer.Argument(help="The .onnx file to write (replaced if present).")],
+    mode: Annotated[
+        str, typer.Option(help="quant (integer ops), fp32 (all baked to float) or fp16.")
+    ] = "quant",
+    opset: Annotated[int, typer.Option(help="ONNX opset of the default domain, 17..20.")] = 17,
+    seq_len: Annotated[
+        int, typer.Option(help="Tokens per sample of the tracing input (token models).")
+    ] = 128,
+    input_shape: Annotated[
+        str | None, typer.Option(help="One sample's shape, e.g. 1,8,8, if not recorded.")
+    ] = None,
+) -> None:
+    """Write an artifact as an ONNX file for onnxruntime, batch axis dynamic.
+
+    Example: modelpress export runs/demo runs/demo.onnx
+    """
+    from collections import Counter
+
+    from modelpress.errors import ConfigError
+    from modelpress.runtime.bench import artifact_inputs
+    from modelpress.runtime.export import export_onnx
+
+    if dest.is_dir():
+        raise ConfigError(f"{dest} is a directory; give the file to write, e.g. {dest}/model.onnx.")
+    model, inputs = artifact_inputs(path, batch_size=1, seq_len=seq_len,
+                                    input_shape=_shape(input_shape))  # fmt: skip
+    result = export_onnx(model, inputs, dest, mode=mode, opset=opset)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(result.layers.values()).items()))
+    out.print(f"wrote {result.path}: {result.bytes:,} bytes ({mode}"
+              f"{'; ' + kinds + ' layers' if kinds else ''})")  # fmt: skip
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape 1,8,8`` as a tuple (None when not given).
+
+    Raises:
+        ConfigError: not integers separated by commas.
+    """
+    from modelpress.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape must be integers separated by commas (e.g. 1,8,8); got {text!r}."
+        ) from None
 
 
 @app.command()

@@ -101,6 +101,31 @@ def example_inputs(
     return torch.randn(batch_size, *[int(d) for d in shape], generator=gen)
 
 
+def artifact_inputs(
+    path: str | Path,
+    *,
+    batch_size: int,
+    seq_len: int,
+    input_shape: tuple[int, ...] | None = None,
+) -> tuple[nn.Module, Inputs]:
+    """The artifact at ``path`` loaded with its integer grids (for export) and one seeded
+    batch of :func:`example_inputs` for it.
+
+    Raises:
+        ArtifactError: a bad artifact, or one that records no model source.
+        ConfigError: the input shape cannot be told; pass ``input_shape``.
+    """
+    manifest = read_manifest(path)
+    if not manifest.get("source"):
+        raise ArtifactError(f"{path} records no model source, so the model cannot be "
+                            "rebuilt.")  # fmt: skip
+    model = load_quantized(path).eval()
+    source = ModelSource.from_dict(manifest["source"])
+    inputs = example_inputs(source, model, batch_size=batch_size, seq_len=seq_len,
+                            input_shape=input_shape)  # fmt: skip
+    return model, inputs
+
+
 def _first_linear_width(model: nn.Module) -> tuple[int, ...] | None:
     """``(in_features,)`` when the first layer with a weight is a Linear, else None."""
     for module in model.modules():
@@ -141,15 +166,10 @@ def bench_artifact(
     """
     _check_options(batch_size=batch_size, seq_len=seq_len, threads=threads, runs=runs,
                    warmup=warmup)  # fmt: skip
-    manifest = read_manifest(path)
-    if not manifest.get("source"):
-        raise ArtifactError(f"{path} records no model source, so the uncompressed model "
-                            "cannot be rebuilt to compare with.")  # fmt: skip
-    source = ModelSource.from_dict(manifest["source"])
-    compressed = load_quantized(path)
+    compressed, inputs = artifact_inputs(path, batch_size=batch_size, seq_len=seq_len,
+                                         input_shape=input_shape)  # fmt: skip
+    source = ModelSource.from_dict(read_manifest(path)["source"])
     baseline = build_from_source(source).eval()
-    inputs = example_inputs(source, baseline, batch_size=batch_size, seq_len=seq_len,
-                            input_shape=input_shape)  # fmt: skip
     shapes = {"input": list(inputs.shape)} if isinstance(inputs, torch.Tensor) else {
         k: list(v.shape) for k, v in inputs.items()}  # fmt: skip
     report = BenchReport(
