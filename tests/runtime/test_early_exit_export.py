@@ -185,3 +185,15 @@ def test_export_leaves_the_model_unchanged(mlp, digits, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), expected) and not model.training
+
+
+@torch.no_grad()
+def test_fp16_export_tests_the_exits_in_half_precision(mlp, digits, tmp_path):
+    x = digits.test.tensors[0][:200]
+    model = with_exits(mlp, x, ["relu1", "relu2"])
+    session, depth = exported(model, x, tmp_path / "ee.onnx", mode="fp16")
+    got = session(x.half())
+    assert depth == 4 and got.dtype == torch.float16
+    # half-precision entropies move samples near a threshold to the other exit: most agree
+    agree = (got.float().argmax(1) == model(x).argmax(1)).double().mean()
+    assert agree >= 0.95
