@@ -22,7 +22,8 @@ all start from the baseline and are fine-tuned with the same budget, loop
 * ``modelpress-layer`` -- the same with ``scope: layer`` (uniform layer-wise);
 * ``modelpress-l2-kd`` -- ``modelpress-l2`` with ``distill.kd`` before ``train`` (the unpruned
   baseline as the teacher, the technique's defaults: temperature 4, alpha 0.9), the prune ->
-  distill recipe;
+  distill recipe (``modelpress-l2-kd-hint``, tried on validation: also ``distill.hint`` on the
+  three stage outputs, MSE through a learned adapter, weight 1);
 * ``torch-pruning``    -- Torch-Pruning's ``BasePruner`` (``MetaPruner``), group L1 magnitude,
   global, ``fc`` ignored, its ratio bisected until FLOPs <= 0.5 of the baseline's.
 
@@ -89,16 +90,19 @@ NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
 ITER_STEPS = 3  # the -iter arms prune in this many steps, each followed by its share of epochs
+HINT_PAIRS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3)}  # ResNet stage outputs (FitNets)
 
 
 @dataclass(frozen=True)
 class ModelpressArm:
-    """A modelpress arm: the options of ``prune.structured``, whether each fine-tune distills,
-    and in how many prune + fine-tune steps the FLOPs target is reached."""
+    """A modelpress arm: the options of ``prune.structured``, whether each fine-tune distills
+    the logits (``distill.kd``) and also the stage outputs (``distill.hint``, FitNets), and in
+    how many prune + fine-tune steps the FLOPs target is reached."""
 
     options: dict[str, Any]
     distill: bool = False
     steps: int = 1
+    hints: bool = False
 
 
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
@@ -108,6 +112,7 @@ MODELPRESS_ARMS = {
     "modelpress-l2": ModelpressArm(L2),
     "modelpress-layer": ModelpressArm({"scope": "layer", "importance": "l1"}),
     "modelpress-l2-kd": ModelpressArm(L2, distill=True),
+    "modelpress-l2-kd-hint": ModelpressArm(L2, distill=True, hints=True),
     "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
@@ -180,12 +185,14 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
         stages.append(mp.Stage.of("prune.structured", **prune, **arm.options))
         if distills:
             stages.append(mp.Stage.of("distill.kd"))
+        if distills and arm.hints:  # each pruned stage's output pulled to the teacher's
+            stages.append(mp.Stage.of("distill.hint", pairs=HINT_PAIRS))
         if finetune:
             stages.append(mp.Stage.of("train", **train))
     options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
-    kd = "-kd" if distills else ""
+    kd = ("-kd" if distills else "") + ("-hint" if distills and arm.hints else "")
     name = (f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}"
             f"{steps}{kd}")  # fmt: skip
     return mp.Recipe(stages=tuple(stages), name=name)
