@@ -19,7 +19,7 @@ graph come from the real model. The input model is never changed.
 Early-exit models (``early_exit.branches``) are exported as their cascade: the backbone is cut
 at each enabled exit and the exit tests become ``If`` branches, so the ONNX file stops at the
 first confident exit per sample as the torch model does
-(:mod:`modelpress.techniques.early_exit.cascade`).
+(:mod:`modelpress.runtime.cascade`).
 """
 
 from __future__ import annotations
