@@ -225,8 +225,8 @@ def export(
 
     if dest.is_dir():
         raise ConfigError(f"{dest} is a directory; give the file to write, e.g. {dest}/model.onnx.")
-    model, inputs = artifact_inputs(path, batch_size=1, seq_len=seq_len,
-                                    input_shape=_shape(input_shape))  # fmt: skip
+    model, _, inputs = artifact_inputs(path, batch_size=1, seq_len=seq_len,
+                                       input_shape=_shape(input_shape))  # fmt: skip
     result = export_onnx(model, inputs, dest, mode=mode, opset=opset)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(result.layers.values()).items()))
     out.print(f"wrote {result.path}: {result.bytes:,} bytes ({mode}"

@@ -107,9 +107,9 @@ def artifact_inputs(
     batch_size: int,
     seq_len: int,
     input_shape: tuple[int, ...] | None = None,
-) -> tuple[nn.Module, Inputs]:
-    """The artifact at ``path`` loaded with its integer grids (for export) and one seeded
-    batch of :func:`example_inputs` for it.
+) -> tuple[nn.Module, nn.Module, Inputs]:
+    """The artifact at ``path`` loaded with its integer grids (for export), the uncompressed
+    model rebuilt from its source, and one seeded batch of :func:`example_inputs` for them.
 
     Raises:
         ArtifactError: a bad artifact, or one that records no model source.
@@ -119,11 +119,12 @@ def artifact_inputs(
     if not manifest.get("source"):
         raise ArtifactError(f"{path} records no model source, so the model cannot be "
                             "rebuilt.")  # fmt: skip
-    model = load_quantized(path).eval()
+    compressed = load_quantized(path).eval()
     source = ModelSource.from_dict(manifest["source"])
-    inputs = example_inputs(source, model, batch_size=batch_size, seq_len=seq_len,
+    uncompressed = build_from_source(source).eval()
+    inputs = example_inputs(source, uncompressed, batch_size=batch_size, seq_len=seq_len,
                             input_shape=input_shape)  # fmt: skip
-    return model, inputs
+    return compressed, uncompressed, inputs
 
 
 def _first_linear_width(model: nn.Module) -> tuple[int, ...] | None:
@@ -166,10 +167,8 @@ def bench_artifact(
     """
     _check_options(batch_size=batch_size, seq_len=seq_len, threads=threads, runs=runs,
                    warmup=warmup)  # fmt: skip
-    compressed, inputs = artifact_inputs(path, batch_size=batch_size, seq_len=seq_len,
-                                         input_shape=input_shape)  # fmt: skip
-    source = ModelSource.from_dict(read_manifest(path)["source"])
-    baseline = build_from_source(source).eval()
+    compressed, baseline, inputs = artifact_inputs(path, batch_size=batch_size, seq_len=seq_len,
+                                                   input_shape=input_shape)  # fmt: skip
     shapes = {"input": list(inputs.shape)} if isinstance(inputs, torch.Tensor) else {
         k: list(v.shape) for k, v in inputs.items()}  # fmt: skip
     report = BenchReport(
