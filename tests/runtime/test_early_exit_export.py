@@ -123,6 +123,27 @@ def test_a_saved_early_exit_artifact_exports_after_load(mlp, digits, tmp_path):
     assert depth == 2 and torch.allclose(session(x), result.model.eval()(x), atol=1e-5)
 
 
+class _Functional(nn.Module):
+    """Parameters read directly in ``forward`` (``get_attr`` nodes), before and after the exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.scale = nn.Parameter(torch.randn(64, 16) / 8), nn.Parameter(torch.rand(10))
+        self.act, self.out = nn.ReLU(), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(x.flatten(1) @ self.w)) * self.scale
+
+
+@torch.no_grad()
+def test_parameters_read_in_forward_go_to_the_segment_that_reads_them(digits, tmp_path):
+    torch.manual_seed(0)
+    x = digits.test.tensors[0][:64]
+    model = with_exits(_Functional(), x, ["act"])
+    session, depth = exported(model, x, tmp_path / "ee.onnx")
+    assert depth == 2 and torch.allclose(session(x), model(x), atol=1e-5)
+
+
 class _Skip(nn.Module):
     """A residual block whose input is added back after ``inner``: no cut at ``inner``."""
 

@@ -11,7 +11,6 @@ one-line error naming the exit.
 from __future__ import annotations
 
 from torch import fx, nn
-from torch.fx.passes.split_module import split_module
 
 from modelpress.errors import UnsupportedModuleError
 
@@ -43,8 +42,7 @@ def backbone_segments(backbone: nn.Module, exits: list[str]) -> list[fx.GraphMod
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); exporting an "
             "early-exit model needs an fx-traceable backbone."
         ) from None
-    gm = fx.GraphModule(backbone, graph)
-    nodes = list(gm.graph.nodes)
+    nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise UnsupportedModuleError(
@@ -53,14 +51,39 @@ def backbone_segments(backbone: nn.Module, exits: list[str]) -> list[fx.GraphMod
         )
     position = {n: i for i, n in enumerate(nodes)}
     cuts = [_cut_node(nodes, position, name) for name in exits]
-    bounds = [position[c] for c in cuts]
+    (output,) = [n for n in nodes if n.op == "output"]
+    starts = [inputs[0], *cuts]
+    ends = [*cuts, output]
+    return [
+        _segment(backbone, nodes[position[a] + 1 : position[b] + 1], a, b)
+        for a, b in zip(starts, ends, strict=True)
+    ]
 
-    def part(node: fx.Node) -> int:  # a parameter read goes with its first reader
-        at = min(map(position.get, node.users)) if node.op == "get_attr" else position[node]
-        return sum(at > b for b in bounds)
 
-    split = split_module(gm, backbone, part)
-    return [getattr(split, f"submod_{i}") for i in range(len(exits) + 1)]
+def _segment(
+    backbone: nn.Module, span: list[fx.Node], start: fx.Node, end: fx.Node
+) -> fx.GraphModule:
+    """The nodes ``span`` (after ``start``, up to ``end``) as a module taking ``start``'s value
+    and returning ``end``'s (the graph's output when ``end`` is the output node). Parameters
+    and buffers read directly (``get_attr``) are read again in every segment that uses them."""
+    graph = fx.Graph()
+    env = {start: graph.placeholder("x")}
+
+    def value(arg: fx.Node) -> fx.Node:
+        if arg not in env and arg.op == "get_attr":
+            env[arg] = graph.get_attr(arg.target)  # type: ignore[arg-type]
+        return env[arg]
+
+    for node in span:
+        if node.op == "get_attr":
+            continue  # read where it is used
+        if node.op == "output":
+            graph.output(fx.map_arg(node.args[0], value))
+        else:
+            env[node] = graph.node_copy(node, value)
+    if end.op != "output":
+        graph.output(env[end])
+    return fx.GraphModule(backbone, graph)
 
 
 class _Tracer(fx.Tracer):
