@@ -291,11 +291,12 @@ class AttentionDistillation(DistillCallback):
 
     def on_train_begin(self, state: TrainState) -> None:
         """Hook the student's projections."""
+        super().on_train_begin(state)
         self.taps.attach()
 
     def distill_loss(self, batch: Batch, outputs: Any) -> torch.Tensor:
         """The relation loss on ``batch``."""
-        _, t_feats = run_frozen(self.teacher, batch, self.teacher_modules)
+        _, t_feats = self.run_teacher(batch)
         student = dict(
             zip("qkv", (self.taps.values[n] for n in self.layers[0].projections), strict=True)
         )

@@ -196,6 +196,7 @@ class HintDistillation(DistillCallback):
 
     def on_train_begin(self, state: TrainState) -> None:
         """Hook the student's modules; add the adapters' parameters to the optimizer."""
+        super().on_train_begin(state)
         self.taps.attach()
         params = list(self.adapters.parameters())
         if params:
@@ -207,7 +208,7 @@ class HintDistillation(DistillCallback):
 
     def distill_loss(self, batch: Batch, outputs: Any) -> torch.Tensor:
         """The sum of the pairs' hint losses and the embedding loss on ``batch``."""
-        t_out, t_feats = run_frozen(self.teacher, batch, self.teacher_modules)
+        t_out, t_feats = self.run_teacher(batch)
         mask = attention_mask_of(batch)
         total = torch.zeros(())
         for s_name, t_name in self.cfg.pairs.items():

@@ -105,7 +105,7 @@ class KnowledgeDistillation(DistillCallback):
     def distill_loss(self, batch: Batch, outputs: Any) -> torch.Tensor:
         """``kd_loss`` between the student's and the frozen teacher's logits on ``batch``."""
         student = output_tensor(outputs, OWNER)
-        teacher = output_tensor(run_frozen(self.teacher, batch)[0], OWNER)
+        teacher = output_tensor(self.run_teacher(batch)[0], OWNER)
         mask = attention_mask_of(batch) if student.dim() == 3 else None
         if mask is not None and mask.shape != student.shape[:2]:
             mask = None

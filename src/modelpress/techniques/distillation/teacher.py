@@ -11,6 +11,8 @@ hooks that capture its intermediate outputs live only for the duration of one te
 
 from __future__ import annotations
 
+import collections
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -229,13 +231,56 @@ def check_same_shape(
         )
 
 
+class _TeacherPass:
+    """One frozen forward of a teacher per training step, shared by every distillation loss
+    that reads it: ``distill.kd`` and ``distill.hint`` in one recipe run the teacher once per
+    batch, with the union of the modules they tap hooked."""
+
+    def __init__(self) -> None:
+        self.taps: dict[str, nn.Module] = {}
+        self.users: collections.Counter[str] = collections.Counter()
+        self.members = 0
+        self._key: tuple[Any, ...] | None = None
+        self._result: tuple[Any, dict[str, torch.Tensor]] | None = None
+
+    def join(self, taps: dict[str, nn.Module]) -> None:
+        """A loss starts training: its teacher modules are tapped from the next forward on."""
+        self.members += 1
+        self.users.update(taps.keys())
+        self.taps.update(taps)
+        self._key = self._result = None
+
+    def leave(self, taps: dict[str, nn.Module]) -> None:
+        """A loss ends training: its taps go when no other loss uses them."""
+        self.members -= 1
+        self.users.subtract(taps.keys())
+        self.taps = {n: m for n, m in self.taps.items() if self.users[n] > 0}
+        self._key = self._result = None
+
+    def run(
+        self, teacher: nn.Module, state: TrainState, batch: Batch
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The teacher's outputs and tapped tensors for this step's ``batch``; the teacher
+        runs only for the first loss of the step that asks."""
+        key = (state, state.step, batch)
+        if self._key is None or any(a is not b for a, b in zip(key, self._key, strict=True)):
+            self._result = run_frozen(teacher, batch, self.taps)
+            self._key = key
+        return self._result  # type: ignore[return-value]
+
+
+_PASSES: weakref.WeakKeyDictionary[nn.Module, _TeacherPass] = weakref.WeakKeyDictionary()
+
+
 class DistillCallback(Callback):
     """A distillation loss added inside the next ``train`` stage:
     ``loss = task_weight * task_loss + weight * distill_loss``.
 
     With ``task_weight == 0`` the task loss is not computed at all (``replaces_task_loss``),
-    so unlabeled data trains. Subclasses implement :meth:`distill_loss`; the mean distillation
-    loss of the first and last ten steps lands in the train stage's report under ``key``.
+    so unlabeled data trains. Subclasses implement :meth:`distill_loss`, reading the teacher
+    through :meth:`run_teacher` (one teacher forward per step for all losses on the same
+    teacher; the modules in ``teacher_modules`` are tapped); the mean distillation loss of the
+    first and last ten steps lands in the train stage's report under ``key``.
     """
 
     key = "distill_loss"
@@ -245,21 +290,43 @@ class DistillCallback(Callback):
         self.weight, self.task_weight = weight, task_weight
         self.replaces_task_loss = task_weight == 0
         self.history: list[float] = []
+        self.teacher_modules: dict[str, nn.Module] = {}
+        self._state: TrainState | None = None
 
     def distill_loss(self, batch: Batch, outputs: Any) -> torch.Tensor:
         """The distillation term for one batch (the student's ``outputs`` are given)."""
         raise NotImplementedError
 
+    def run_teacher(self, batch: Batch) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The frozen teacher's outputs on ``batch`` and its ``teacher_modules``' outputs
+        (outside a training run, e.g. called directly, the teacher simply runs)."""
+        shared = _PASSES.get(self.teacher)
+        if shared is None or self._state is None:
+            return run_frozen(self.teacher, batch, self.teacher_modules)
+        return shared.run(self.teacher, self._state, batch)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Share the teacher's forward with the other losses on the same teacher."""
+        _PASSES.setdefault(self.teacher, _TeacherPass()).join(self.teacher_modules)
+
     def loss(
         self, state: TrainState, batch: Batch, outputs: Any, loss: torch.Tensor
     ) -> torch.Tensor:
         """``task_weight * loss + weight * distill_loss(batch, outputs)``."""
+        self._state = state
         term = self.distill_loss(batch, outputs)
         self.history.append(float(term.detach()))
         return self.task_weight * loss + self.weight * term
 
     def on_train_end(self, state: TrainState) -> None:
-        """Report the distillation loss at the start and the end of training."""
+        """Leave the shared teacher forward; report the distillation loss at the start and
+        the end of training."""
+        shared = _PASSES.get(self.teacher)
+        if shared is not None:
+            shared.leave(self.teacher_modules)
+            if shared.members <= 0:
+                del _PASSES[self.teacher]
+        self._state = None
         if self.history:
             first, last = self.history[:10], self.history[-10:]
             self.ctx.report(
