@@ -240,7 +240,7 @@ class _TeacherPass:
         self.taps: dict[str, nn.Module] = {}
         self.users: collections.Counter[str] = collections.Counter()
         self.members = 0
-        self._key: tuple[Any, ...] | None = None
+        self._key: tuple[TrainState, int, Batch] | None = None
         self._result: tuple[Any, dict[str, torch.Tensor]] | None = None
 
     def join(self, taps: dict[str, nn.Module]) -> None:
@@ -262,10 +262,10 @@ class _TeacherPass:
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """The teacher's outputs and tapped tensors for this step's ``batch``; the teacher
         runs only for the first loss of the step that asks."""
-        key = (state, state.step, batch)
-        if self._key is None or any(a is not b for a, b in zip(key, self._key, strict=True)):
+        last = self._key
+        if last is None or last[0] is not state or last[1] != state.step or last[2] is not batch:
             self._result = run_frozen(teacher, batch, self.taps)
-            self._key = key
+            self._key = (state, state.step, batch)
         return self._result  # type: ignore[return-value]
 
 
