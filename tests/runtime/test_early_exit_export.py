@@ -37,8 +37,9 @@ def with_exits(model: nn.Module, x: torch.Tensor, exits: list[str], **params) ->
 
 
 def if_depth(graph: onnx.GraphProto) -> int:
-    """How deeply ``If`` nodes nest in ``graph``: two per enabled exit (does every sample
-    leave? does none?), 0 without exits."""
+    """How deeply ``If`` nodes nest in ``graph``: k + 1 for k enabled exits (one per exit —
+    does every sample leave? — and, inside the last, the pair that picks who goes on and
+    puts their logits back), 0 without exits."""
     depths = [
         1 + max(if_depth(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
         for node in graph.node
@@ -60,11 +61,35 @@ def test_two_exits_export_as_nested_branches_that_match_torch(mlp, digits, tmp_p
     expected, used = model(x), model.last_exit_index
     assert sorted(set(used.tolist())) == [0, 1, 2]  # a mix of all three outputs
     session, depth = exported(model, x, tmp_path / "ee.onnx", mode="fp32")
-    assert depth == 4
+    assert depth == 3
     assert torch.allclose(session(x), expected, atol=1e-5)
     for i in (*torch.nonzero(used == 0)[:2, 0], *torch.nonzero(used == 2)[:2, 0]):
         row = x[int(i) : int(i) + 1]
         assert torch.allclose(session(row), model(row), atol=1e-5)  # batch 1, both branches
+
+
+def ops(graph: onnx.GraphProto) -> list[str]:
+    """The op type of every node in ``graph`` and, recursively, in its ``If`` branches."""
+    found = []
+    for node in graph.node:
+        found.append(node.op_type)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                found += ops(a.g)
+    return found
+
+
+@torch.no_grad()
+def test_every_piece_appears_once_however_many_exits(mlp, digits, tmp_path):
+    x = digits.test.tensors[0][:200]
+    for exits in (["relu1"], ["relu1", "relu2"], ["fc1", "relu1", "relu2"]):
+        model = with_exits(copy.deepcopy(mlp), x, exits)
+        path = export_onnx(model, x[:2], tmp_path / f"{len(exits)}.onnx", mode="fp32").path
+        found = ops(onnx.load(str(path)).graph)
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        assert found.count("Gemm") + found.count("MatMul") == linears  # no copies
+        assert found.count("If") == 3 * len(exits)
+        assert torch.allclose(OrtModule(path)(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMax takes its axes as an input from 18
@@ -75,7 +100,7 @@ def test_max_prob_exits_export_at_every_opset(mlp, digits, tmp_path, opset):
     expected, used = model(x), model.last_exit_index
     assert sorted(set(used.tolist())) == [0, 1, 2]
     session, depth = exported(model, x, tmp_path / "ee.onnx", opset=opset)
-    assert depth == 4 and torch.allclose(session(x), expected, atol=1e-5)
+    assert depth == 3 and torch.allclose(session(x), expected, atol=1e-5)
 
 
 @torch.no_grad()
@@ -214,7 +239,7 @@ def test_fp16_export_tests_the_exits_in_half_precision(mlp, digits, tmp_path):
     model = with_exits(mlp, x, ["relu1", "relu2"])
     session, depth = exported(model, x, tmp_path / "ee.onnx", mode="fp16")
     got = session(x.half())
-    assert depth == 4 and got.dtype == torch.float16
+    assert depth == 3 and got.dtype == torch.float16
     # half-precision entropies move samples near a threshold to the other exit: most agree
     agree = (got.float().argmax(1) == model(x).argmax(1)).double().mean()
     assert agree >= 0.95

@@ -10,10 +10,16 @@ become their integer ops), and the pieces are joined into one graph. Per exit ``
     f = segment_i(x);  z = head_i(f)
     done = H(softmax(z)) <= tau_i          (max softmax(z) >= tau_i for ``max_prob``)
     If all(done):   z
-    elif none(done): rest(f)
-    else:           ScatterND(z, stay, rest(Gather(f, stay)))    stay = NonZero(not done)
+    else:
+        g, stay = If any(done): Gather(f, stay), stay    stay = NonZero(not done)
+                  else:         f, []
+        r = rest(g)
+        If any(done): ScatterND(z, stay, r)
+        else:         r
 
-where ``rest`` is the next exit's block, or the backbone's last segment. That is the eval
+where ``rest`` is the next exit's block, or the backbone's last segment. ``rest`` appears once
+(in the ``else`` of ``all``), so the graph grows linearly with the exits, and a batch in
+which nobody leaves skips the gather and the scatter. That is the eval
 forward of the torch model: each sample's logits come from the first exit whose head is
 confident, computed with the same formula as
 :func:`~modelpress.techniques.early_exit.heads.entropy`, and finished samples leave the batch
@@ -119,8 +125,8 @@ class _Builder:
     """Inlines exported pieces into one graph and emits the exit tests and branches.
 
     Pieces are ``[segment_0, head_0, segment_1, head_1, ..., last_segment]``. Each piece's
-    weights go into the graph once (names prefixed ``p{k}/``); each inlined copy of its nodes
-    gets its own value names (``c{n}/``), as the rest of the network appears in two branches.
+    weights go into the graph once (names prefixed ``p{k}/``), and so do its nodes (values
+    prefixed ``c{n}/``): every piece is inlined exactly once.
     """
 
     def __init__(self, pieces: list[onnx.ModelProto], elem: int, opset: int) -> None:
@@ -135,7 +141,11 @@ class _Builder:
                 self.initializers.append(renamed)
 
     def stage(self, i: int, x: str, taus: list[float], criterion: str, nodes: list) -> str:
-        """Emit exit ``i`` onwards reading value ``x`` into ``nodes``; returns the logits."""
+        """Emit exit ``i`` onwards reading value ``x`` into ``nodes``; returns the logits.
+
+        The rest of the network is emitted once, in the "not all leave" branch; two small
+        ``If`` nodes around it pick its input (the staying samples, or the whole batch when
+        none leave) and put its logits back, so the graph grows linearly with the exits."""
         if i == len(taus):
             return self.inline(len(self.pieces) - 1, x, nodes)
         c = f"c{next(self.copies)}/"
@@ -145,8 +155,9 @@ class _Builder:
         flags = c + "done_i32"
         nodes.append(helper.make_node("Cast", [done], [flags], to=TensorProto.INT32))
         every = self.reduce_flags("ReduceMin", flags, c + "every", nodes)
-        # some leave: the others go on alone and their logits are put back in place
-        part: list[onnx.NodeProto] = [
+        go_on: list[onnx.NodeProto] = []  # not all leave
+        some = self.reduce_flags("ReduceMax", flags, c + "some", go_on)
+        select = [  # some leave: the others go on alone
             helper.make_node("Not", [done], [c + "stays"]),
             helper.make_node("NonZero", [c + "stays"], [c + "stay_1n"]),  # (1, n)
             helper.make_node("Transpose", [c + "stay_1n"], [c + "stay_n1"], perm=[1, 0]),
@@ -155,17 +166,31 @@ class _Builder:
             ),
             helper.make_node("Gather", [f, c + "stay"], [c + "f_stay"], axis=0),
         ]
-        rest = self.stage(i + 1, c + "f_stay", taus, criterion, part)
-        part.append(helper.make_node("ScatterND", [z, c + "stay_n1", rest], [c + "mixed"]))
-        none: list[onnx.NodeProto] = []  # none leave: everyone goes on
-        whole = self.stage(i + 1, f, taus, criterion, none)
-        none.append(helper.make_node("Identity", [whole], [c + "whole"]))
-        go_on: list[onnx.NodeProto] = []  # not all leave: does any?
-        some = self.reduce_flags("ReduceMax", flags, c + "some", go_on)
-        go_on.append(self.branch_if(some, part, c + "mixed", none, c + "whole", c + "goes_on"))
+        keep = [  # none leave: everyone goes on; no sample indices are needed
+            helper.make_node("Identity", [f], [c + "f_all"]),
+            helper.make_node(
+                "Constant", [], [c + "no_index"],
+                value=helper.make_tensor(c + "no_index", TensorProto.INT64, [0, 1], []),
+            ),
+        ]  # fmt: skip
+        go_on.append(
+            self.branch_if(
+                some,
+                (select, [c + "f_stay", c + "stay_n1"]),
+                (keep, [c + "f_all", c + "no_index"]),
+                [c + "f_next", c + "index"],
+                [self.output_elem(2 * i), TensorProto.INT64],
+            )
+        )
+        rest = self.stage(i + 1, c + "f_next", taus, criterion, go_on)
+        put_back = [helper.make_node("ScatterND", [z, c + "index", rest], [c + "mixed"])]
+        whole = [helper.make_node("Identity", [rest], [c + "whole"])]
+        go_on.append(
+            self.branch_if(some, (put_back, [c + "mixed"]), (whole, [c + "whole"]), [c + "goes_on"])
+        )
         leave = [helper.make_node("Identity", [z], [c + "left"])]
         out = c + "out"
-        nodes.append(self.branch_if(every, leave, c + "left", go_on, c + "goes_on", out))
+        nodes.append(self.branch_if(every, (leave, [c + "left"]), (go_on, [c + "goes_on"]), [out]))
         return out
 
     @staticmethod
@@ -176,12 +201,27 @@ class _Builder:
         return out
 
     def branch_if(
-        self, cond: str, then: list, then_out: str, other: list, other_out: str, out: str
+        self,
+        cond: str,
+        then: tuple[list, list[str]],
+        other: tuple[list, list[str]],
+        outs: list[str],
+        elems: list[int] | None = None,
     ) -> onnx.NodeProto:
-        """``out = If(cond, then, other)``, the branches' nodes ending in their outputs."""
-        then_graph = helper.make_graph(then, f"{out}_then", [], [self.value(then_out)])
-        else_graph = helper.make_graph(other, f"{out}_else", [], [self.value(other_out)])
-        return helper.make_node("If", [cond], [out], then_branch=then_graph, else_branch=else_graph)
+        """``outs = If(cond, then, other)``; each branch is its nodes and the names of its
+        outputs, whose element types are ``elems`` (default: the logits')."""
+        types = elems or [self.elem] * len(outs)
+
+        def graph(branch: tuple[list, list[str]], which: str) -> onnx.GraphProto:
+            body, names = branch
+            values = [
+                helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)
+            ]
+            return helper.make_graph(body, f"{outs[0]}_{which}", [], values)
+
+        return helper.make_node(
+            "If", [cond], outs, then_branch=graph(then, "then"), else_branch=graph(other, "else")
+        )
 
     def exit_test(self, z: str, criterion: str, tau: float, c: str, nodes: list) -> str:
         """``H(softmax z) <= tau`` or ``max softmax z >= tau`` per row; returns the bool."""
@@ -230,9 +270,9 @@ class _Builder:
             nodes.append(inlined)
         return rename(graph.output[0].name)
 
-    def value(self, name: str) -> onnx.ValueInfoProto:
-        """A branch output's type: the logits' element type, shape left open."""
-        return helper.make_tensor_value_info(name, self.elem, None)
+    def output_elem(self, k: int) -> int:
+        """The element type of piece ``k``'s output."""
+        return self.pieces[k].graph.output[0].type.tensor_type.elem_type
 
     def const(self, name: str, values: list[int]) -> str:
         self.initializers.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
