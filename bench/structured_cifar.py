@@ -23,7 +23,9 @@ all start from the baseline and are fine-tuned with the same budget, loop
 * ``modelpress-l2-kd`` -- ``modelpress-l2`` with ``distill.kd`` before ``train`` (the unpruned
   baseline as the teacher, the technique's defaults: temperature 4, alpha 0.9), the prune ->
   distill recipe (``modelpress-l2-kd-hint``, tried on validation: also ``distill.hint`` on the
-  three stage outputs, MSE through a learned adapter, weight 1);
+  three stage outputs, MSE through a learned adapter, weight 1;
+  ``modelpress-l2-search-kd-hint`` also lets ``prune.structured`` search the allocation of
+  the FLOPs budget over the groups, EagleEye's adaptive-BN search);
 * ``torch-pruning``    -- Torch-Pruning's ``BasePruner`` (``MetaPruner``), group L1 magnitude,
   global, ``fc`` ignored, its ratio bisected until FLOPs <= 0.5 of the baseline's.
 
@@ -106,6 +108,9 @@ class ModelpressArm:
 
 
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
+# EagleEye: 40 random allocations of the budget, each scored by its loss on 10 training batches
+# after re-estimating its BatchNorm statistics on 10 others
+SEARCH = {"search_candidates": 40, "search_batches": 10}
 GROUP = {"scope": "global", "importance": "group_l1"}  # Torch-Pruning's criterion (DepGraph)
 MODELPRESS_ARMS = {
     "modelpress": ModelpressArm({"scope": "global", "importance": "l1"}),
@@ -113,6 +118,7 @@ MODELPRESS_ARMS = {
     "modelpress-layer": ModelpressArm({"scope": "layer", "importance": "l1"}),
     "modelpress-l2-kd": ModelpressArm(L2, distill=True),
     "modelpress-l2-kd-hint": ModelpressArm(L2, distill=True, hints=True),
+    "modelpress-l2-search-kd-hint": ModelpressArm(L2 | SEARCH, distill=True, hints=True),
     "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
@@ -191,6 +197,7 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
             stages.append(mp.Stage.of("train", **train))
     options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
+    ranking += "-search" if options.get("search_candidates") else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
     kd = ("-kd" if distills else "") + ("-hint" if distills and arm.hints else "")
     name = (f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}"

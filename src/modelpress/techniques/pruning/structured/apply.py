@@ -9,6 +9,8 @@ then check every module can be sliced *before* slicing any, shrink, and record t
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from itertools import islice
 from typing import Literal
 
@@ -17,7 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modelpress.config import LayerFractions, TargetedConfig
-from modelpress.context import Context
+from modelpress.context import Batch, Context
 from modelpress.errors import ConfigError, DataError, UnsupportedModuleError
 from modelpress.measure.flops import count_flops
 from modelpress.registry import technique
@@ -36,7 +38,12 @@ from modelpress.techniques.pruning.structured.plan import (
     refill,
     round_counts,
 )
-from modelpress.techniques.pruning.structured.shrink import Attrs, shrink_modules
+from modelpress.techniques.pruning.structured.search import (
+    random_counts,
+    recalibrate_batchnorm,
+    search_allocation,
+)
+from modelpress.techniques.pruning.structured.shrink import Attrs, Plan, shrink_modules
 from modelpress.techniques.pruning.structured.transformer import head_attrs, transformer_groups
 
 OWNER = "prune.structured"
@@ -76,8 +83,31 @@ class StructuredConfig(TargetedConfig):
         description="Global FLOPs target: rank channels by importance per FLOP they cost "
         "(greedy knapsack), so costly high-resolution channels go first.",
     )
+    search_candidates: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="EagleEye search (needs flops_target and data): also try this many random "
+        "allocations of the FLOPs budget over the groups, score each by its loss after "
+        "re-estimating its BatchNorm statistics, keep the best; 0: off.",
+    )
+    search_batches: int = Field(
+        8, ge=1, description="Search: training batches for BatchNorm statistics, and as many "
+        "others for the loss.",
+    )  # fmt: skip
     n_batches: int = Field(8, ge=1, description="Labelled batches for Taylor importance.")
-    batch_size: int = Field(32, ge=1, description="Batch size for Taylor importance.")
+    batch_size: int = Field(
+        32, ge=1, description="Batch size of the training batches read (Taylor, search)."
+    )
+
+    @model_validator(mode="after")
+    def _search_needs_a_flops_target(self) -> StructuredConfig:
+        if self.search_candidates and self.flops_target is None:
+            raise ValueError(
+                "search_candidates spreads a FLOPs budget over the groups: set flops_target, "
+                "or drop search_candidates"
+            )
+        return self
 
     @model_validator(mode="after")
     def _flops_aware_needs_a_global_flops_target(self) -> StructuredConfig:
@@ -160,9 +190,12 @@ def _counts_for_flops(
     groups: list[Group],
     scores: list[torch.Tensor],
     fixed: list[float | None],
-) -> tuple[Counts, float]:
+) -> tuple[Counts, Callable[[Counts], float]]:
     """Bisection on the sparsity for the least pruning whose predicted FLOPs fit the target,
-    then (global scope) channels given back greedily while the budget still holds."""
+    then (global scope) channels given back greedily while the budget still holds.
+
+    Returns the counts and the predictor of the fraction of the reference FLOPs any counts
+    keep (the budget is ``flops_target`` of it)."""
     assert cfg.flops_target is not None
     flops = layer_flops(model, ctx)
     total = float(count_flops(model, ctx.example_inputs))
@@ -179,6 +212,12 @@ def _counts_for_flops(
 
     def predict(counts: Counts) -> float:
         return predicted_flops(groups, counts, flops, total)
+
+    def within(counts: Counts) -> bool:
+        return predict(counts) <= budget
+
+    def kept_fraction(counts: Counts) -> float:
+        return predict(counts) / reference
 
     def fits(s: float) -> tuple[bool, Counts, float]:
         counts = _counts(cfg, s, scores, fixed, costs, nearest=True)
@@ -202,8 +241,8 @@ def _counts_for_flops(
             lo = mid
     if cfg.scope == "global":
         frozen = [f is not None for f in fixed]
-        best = refill(best, scores, cfg.round_to, lambda c: predict(c) <= budget, frozen, costs)
-    return best, predict(best) / reference
+        best = refill(best, scores, cfg.round_to, within, frozen, costs)
+    return best, kept_fraction
 
 
 @technique(OWNER, StructuredConfig)
@@ -228,26 +267,95 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
     scores = group_scores(model, chosen, cfg.importance, ctx, batches)
     modules = dict(model.named_modules())
     fixed = [_override(cfg, modules, g) for g in chosen]
+
+    def plan_of(counts: Counts) -> tuple[Plan, Attrs]:
+        keeps = [kept_channels(s, r) for s, r in zip(scores, counts, strict=True)]
+        return build_plan(chosen, keeps), _head_attrs(model, groups, live, owners, keeps)
+
+    search: list[Batch] = []
     if cfg.flops_target is not None:
-        counts, kept_fraction = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
-        ctx.report("flops_kept_predicted", round(kept_fraction, 4))
+        counts, flops_kept = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
+        if cfg.search_candidates:
+            search = _search_batches(cfg, ctx)
+            sizes = [len(s) for s in scores]
+            counts = _search(model, cfg, ctx, plan_of, sizes, fixed, counts, flops_kept, search)
+        ctx.report("flops_kept_predicted", round(flops_kept(counts), 4))
     else:
         counts = _counts(cfg, cfg.sparsity, scores, fixed)
-    keeps = [kept_channels(s, r) for s, r in zip(scores, counts, strict=True)]
-    attrs: Attrs = {}
-    for i, keep in zip(live, keeps, strict=True):
-        if i in owners:
-            q, k = groups[i].members[0], groups[i].members[1]
-            attrs[owners[i]] = head_attrs(model, owners[i], len(keep), q.expand // k.expand)
-    shrink_modules(model, build_plan(chosen, keeps), attrs)
+    shrink_modules(model, *plan_of(counts))
+    if search:  # the model as it was scored
+        recalibrate_batchnorm(model, search[: len(search) // 2])
     ctx.report(
         "channels",
-        {_label(g): f"{len(k)}/{g.size}" for g, k in zip(chosen, keeps, strict=True)},
+        {_label(g): f"{g.size - r}/{g.size}" for g, r in zip(chosen, counts, strict=True)},
     )
     kept = {_label(g): why for g, why in zip(groups, reasons, strict=True) if why}
     if kept:
         ctx.report("kept_groups", kept)
     return model
+
+
+def _head_attrs(
+    model: nn.Module,
+    groups: list[Group],
+    live: list[int],
+    owners: dict[int, str],
+    keeps: list[list[int]],
+) -> Attrs:
+    """The head counts of the attention modules whose head groups shrink."""
+    attrs: Attrs = {}
+    for i, keep in zip(live, keeps, strict=True):
+        if i in owners:
+            q, k = groups[i].members[0], groups[i].members[1]
+            attrs[owners[i]] = head_attrs(model, owners[i], len(keep), q.expand // k.expand)
+    return attrs
+
+
+def _search_batches(cfg: StructuredConfig, ctx: Context) -> list[Batch]:
+    """``2 · search_batches`` labelled training batches: BatchNorm statistics, then loss."""
+    if not ctx.has_data():
+        raise DataError(f"{OWNER} with search_candidates needs labelled data; pass data=...")
+    batches = list(islice(ctx.training_batches(cfg.batch_size), 2 * cfg.search_batches))
+    if len(batches) < 2:
+        raise DataError(
+            f"{OWNER}: the search needs 2 training batches or more (BatchNorm statistics, "
+            f"then the loss); the data gave {len(batches)}. Pass more data."
+        )
+    return batches
+
+
+def _search(
+    model: nn.Module,
+    cfg: StructuredConfig,
+    ctx: Context,
+    plan_of: Callable[[Counts], tuple[Plan, Attrs]],
+    sizes: list[int],
+    fixed: list[float | None],
+    first: Counts,
+    flops_kept: Callable[[Counts], float],
+    batches: list[Batch],
+) -> Counts:
+    """The EagleEye search (:mod:`.search`) around the importance allocation ``first``;
+    reported as ``search``."""
+    assert cfg.flops_target is not None
+    target = cfg.flops_target
+
+    def build(counts: Counts) -> nn.Module:
+        clone = copy.deepcopy(model)
+        shrink_modules(clone, *plan_of(counts))
+        return clone
+
+    def propose(generator: torch.Generator) -> Counts | None:
+        return random_counts(sizes, fixed, cfg.max_sparsity, cfg.round_to,
+                             lambda c: flops_kept(c) <= target, generator)  # fmt: skip
+
+    half = len(batches) // 2
+    counts, report = search_allocation(
+        first, propose, build, candidates=cfg.search_candidates, bn_batches=batches[:half],
+        score_batches=batches[half:], loss_fn=ctx.loss_fn, generator=ctx.generator(offset=1),
+    )  # fmt: skip
+    ctx.report("search", report)
+    return counts
 
 
 def _label(group: Group) -> str:
