@@ -92,7 +92,8 @@ NAME = "structured_cifar"
 FLOPS_KEEP = 0.5  # a pruned model keeps at most this fraction of the baseline's FLOPs
 TARGET_SPEEDUP, TARGET_DROP_PP = 1.7, 0.5
 ITER_STEPS = 3  # the -iter arms prune in this many steps, each followed by its share of epochs
-HINT_PAIRS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3)}  # ResNet stage outputs (FitNets)
+STAGE_HINTS = tuple(f"layer{i}" for i in (1, 2, 3))  # ResNet stage outputs (FitNets)
+BLOCK_HINTS = tuple(f"layer{i}.{j}" for i in (1, 2, 3) for j in (0, 1, 2))  # every block's
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class ModelpressArm:
     options: dict[str, Any]
     distill: bool = False
     steps: int = 1
-    hints: bool = False
+    hints: tuple[str, ...] = ()  # layers whose outputs distill.hint pulls to the teacher's
 
 
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
@@ -117,8 +118,9 @@ MODELPRESS_ARMS = {
     "modelpress-l2": ModelpressArm(L2),
     "modelpress-layer": ModelpressArm({"scope": "layer", "importance": "l1"}),
     "modelpress-l2-kd": ModelpressArm(L2, distill=True),
-    "modelpress-l2-kd-hint": ModelpressArm(L2, distill=True, hints=True),
-    "modelpress-l2-search-kd-hint": ModelpressArm(L2 | SEARCH, distill=True, hints=True),
+    "modelpress-l2-kd-hint": ModelpressArm(L2, distill=True, hints=STAGE_HINTS),
+    "modelpress-l2-kd-blockhint": ModelpressArm(L2, distill=True, hints=BLOCK_HINTS),
+    "modelpress-l2-search-kd-hint": ModelpressArm(L2 | SEARCH, distill=True, hints=STAGE_HINTS),
     "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
@@ -191,15 +193,16 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
         stages.append(mp.Stage.of("prune.structured", **prune, **arm.options))
         if distills:
             stages.append(mp.Stage.of("distill.kd"))
-        if distills and arm.hints:  # each pruned stage's output pulled to the teacher's
-            stages.append(mp.Stage.of("distill.hint", pairs=HINT_PAIRS))
+        if distills and arm.hints:  # pruned layers' outputs pulled to the teacher's
+            stages.append(mp.Stage.of("distill.hint", pairs={n: n for n in arm.hints}))
         if finetune:
             stages.append(mp.Stage.of("train", **train))
     options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
     ranking += "-search" if options.get("search_candidates") else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
-    kd = ("-kd" if distills else "") + ("-hint" if distills and arm.hints else "")
+    hints = {(): "", STAGE_HINTS: "-hint", BLOCK_HINTS: "-blockhint"}[arm.hints if distills else ()]
+    kd = ("-kd" if distills else "") + hints
     name = (f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}"
             f"{steps}{kd}")  # fmt: skip
     return mp.Recipe(stages=tuple(stages), name=name)
