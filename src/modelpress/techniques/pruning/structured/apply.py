@@ -3,8 +3,9 @@ physically shrinks (smaller dense weights, fewer FLOPs, real speedups).
 
 Steps: find the coupled groups (a traced channel graph, or the transformer block layout),
 drop groups that are pinned or whose producing layers are not targeted, score channels,
-decide how many each group loses (layer-wise, global, or by bisection to a FLOPs target),
-then check every module can be sliced *before* slicing any, shrink, and record the edit.
+decide how many each group loses (layer-wise, global, or by bisection to a FLOPs target,
+optionally searched with adaptive BN: :mod:`.search`), then check every module can be
+sliced *before* slicing any, shrink, and record the edit.
 """
 
 from __future__ import annotations
