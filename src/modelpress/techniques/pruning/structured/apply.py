@@ -273,19 +273,19 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
         keeps = [kept_channels(s, r) for s, r in zip(scores, counts, strict=True)]
         return build_plan(chosen, keeps), _head_attrs(model, groups, live, owners, keeps)
 
-    search: list[Batch] = []
+    bn_batches: list[Batch] = []
     if cfg.flops_target is not None:
         counts, flops_kept = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
         if cfg.search_candidates:
-            search = _search_batches(cfg, ctx)
-            sizes = [len(s) for s in scores]
-            counts = _search(model, cfg, ctx, plan_of, sizes, fixed, counts, flops_kept, search)
+            bn_batches, score_batches = _search_batches(cfg, ctx)
+            counts = _search(model, cfg, ctx, plan_of, [len(s) for s in scores], fixed, counts,
+                             flops_kept, bn_batches, score_batches)  # fmt: skip
         ctx.report("flops_kept_predicted", round(flops_kept(counts), 4))
     else:
         counts = _counts(cfg, cfg.sparsity, scores, fixed)
     shrink_modules(model, *plan_of(counts))
-    if search:  # the model as it was scored
-        recalibrate_batchnorm(model, search[: len(search) // 2])
+    if bn_batches:  # the model as it was scored
+        recalibrate_batchnorm(model, bn_batches)
     ctx.report(
         "channels",
         {_label(g): f"{g.size - r}/{g.size}" for g, r in zip(chosen, counts, strict=True)},
@@ -312,8 +312,9 @@ def _head_attrs(
     return attrs
 
 
-def _search_batches(cfg: StructuredConfig, ctx: Context) -> list[Batch]:
-    """``2 · search_batches`` labelled training batches: BatchNorm statistics, then loss."""
+def _search_batches(cfg: StructuredConfig, ctx: Context) -> tuple[list[Batch], list[Batch]]:
+    """Up to ``search_batches`` labelled training batches for BatchNorm statistics, and as
+    many further ones for the loss."""
     if not ctx.has_data():
         raise DataError(f"{OWNER} with search_candidates needs labelled data; pass data=...")
     batches = list(islice(ctx.training_batches(cfg.batch_size), 2 * cfg.search_batches))
@@ -322,7 +323,8 @@ def _search_batches(cfg: StructuredConfig, ctx: Context) -> list[Batch]:
             f"{OWNER}: the search needs 2 training batches or more (BatchNorm statistics, "
             f"then the loss); the data gave {len(batches)}. Pass more data."
         )
-    return batches
+    half = len(batches) // 2
+    return batches[:half], batches[half:]
 
 
 def _search(
@@ -334,7 +336,8 @@ def _search(
     fixed: list[float | None],
     first: Counts,
     flops_kept: Callable[[Counts], float],
-    batches: list[Batch],
+    bn_batches: list[Batch],
+    score_batches: list[Batch],
 ) -> Counts:
     """The EagleEye search (:mod:`.search`) around the importance allocation ``first``;
     reported as ``search``."""
@@ -350,10 +353,9 @@ def _search(
         return random_counts(sizes, fixed, cfg.max_sparsity, cfg.round_to,
                              lambda c: flops_kept(c) <= target, generator)  # fmt: skip
 
-    half = len(batches) // 2
     counts, report = search_allocation(
-        first, propose, build, candidates=cfg.search_candidates, bn_batches=batches[:half],
-        score_batches=batches[half:], loss_fn=ctx.loss_fn, generator=ctx.generator(offset=1),
+        first, propose, build, candidates=cfg.search_candidates, bn_batches=bn_batches,
+        score_batches=score_batches, loss_fn=ctx.loss_fn, generator=ctx.generator(offset=1),
     )  # fmt: skip
     ctx.report("search", report)
     return counts
