@@ -113,6 +113,9 @@ L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
 # after re-estimating its BatchNorm statistics on 10 others
 SEARCH = {"search_candidates": 40, "search_batches": 10}
 GROUP = {"scope": "global", "importance": "group_l1"}  # Torch-Pruning's criterion (DepGraph)
+# residual streams left whole (their groups are found by a producer: the stem, a downsample)
+STREAM = {"layer_sparsity": {"conv1": 0.0}}  # the 32×32 stream
+INNER = {"layer_sparsity": {"conv1": 0.0, "re:.*downsample.*": 0.0}}  # every stream
 MODELPRESS_ARMS = {
     "modelpress": ModelpressArm({"scope": "global", "importance": "l1"}),
     "modelpress-l2": ModelpressArm(L2),
@@ -121,6 +124,8 @@ MODELPRESS_ARMS = {
     "modelpress-l2-kd-hint": ModelpressArm(L2, distill=True, hints=STAGE_HINTS),
     "modelpress-l2-kd-blockhint": ModelpressArm(L2, distill=True, hints=BLOCK_HINTS),
     "modelpress-l2-search-kd-hint": ModelpressArm(L2 | SEARCH, distill=True, hints=STAGE_HINTS),
+    "modelpress-l2-stream-kd-hint": ModelpressArm(L2 | STREAM, distill=True, hints=STAGE_HINTS),
+    "modelpress-l2-inner-kd-hint": ModelpressArm(L2 | INNER, distill=True, hints=STAGE_HINTS),
     "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
@@ -200,6 +205,8 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
     options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
     ranking += "-search" if options.get("search_candidates") else ""
+    whole = options.get("layer_sparsity")
+    ranking += "-stream" if whole == STREAM["layer_sparsity"] else "-inner" if whole else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
     hints = {(): "", STAGE_HINTS: "-hint", BLOCK_HINTS: "-blockhint"}[arm.hints if distills else ()]
     kd = ("-kd" if distills else "") + hints
