@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 from typing import Literal
 
@@ -184,6 +185,25 @@ def _counts(
     return round_counts(sizes, counts, cfg.round_to, nearest)
 
 
+@dataclass(frozen=True)
+class FlopsBudget:
+    """What counts of removed channels cost: the predicted FLOPs as a fraction of the
+    reference model's, and whether they fit ``flops_target`` of it (the one test both the
+    bisection and the search use)."""
+
+    predict: Callable[[Counts], float]
+    reference: float
+    target: float
+
+    def kept(self, counts: Counts) -> float:
+        """The fraction of the reference FLOPs ``counts`` keep."""
+        return self.predict(counts) / self.reference
+
+    def fits(self, counts: Counts) -> bool:
+        """Whether ``counts`` keep at most ``target`` of the reference FLOPs."""
+        return self.predict(counts) <= self.target * self.reference
+
+
 def _counts_for_flops(
     cfg: StructuredConfig,
     model: nn.Module,
@@ -191,12 +211,9 @@ def _counts_for_flops(
     groups: list[Group],
     scores: list[torch.Tensor],
     fixed: list[float | None],
-) -> tuple[Counts, Callable[[Counts], float]]:
+) -> tuple[Counts, FlopsBudget]:
     """Bisection on the sparsity for the least pruning whose predicted FLOPs fit the target,
-    then (global scope) channels given back greedily while the budget still holds.
-
-    Returns the counts and the predictor of the fraction of the reference FLOPs any counts
-    keep (the budget is ``flops_target`` of it)."""
+    then (global scope) channels given back greedily while the budget still holds."""
     assert cfg.flops_target is not None
     flops = layer_flops(model, ctx)
     total = float(count_flops(model, ctx.example_inputs))
@@ -208,42 +225,32 @@ def _counts_for_flops(
                 "through compress() or use flops_of: model"
             )
         reference = float(count_flops(ctx.original, ctx.example_inputs))
-    budget = cfg.flops_target * reference
+    budget = FlopsBudget(lambda c: predicted_flops(groups, c, flops, total), reference,
+                         cfg.flops_target)  # fmt: skip
     costs = channel_costs(groups, flops, total) if cfg.flops_aware else None
 
-    def predict(counts: Counts) -> float:
-        return predicted_flops(groups, counts, flops, total)
+    def counts_at(s: float) -> Counts:
+        return _counts(cfg, s, scores, fixed, costs, nearest=True)
 
-    def within(counts: Counts) -> bool:
-        return predict(counts) <= budget
-
-    def kept_fraction(counts: Counts) -> float:
-        return predict(counts) / reference
-
-    def fits(s: float) -> tuple[bool, Counts, float]:
-        counts = _counts(cfg, s, scores, fixed, costs, nearest=True)
-        f = predict(counts)
-        return f <= budget, counts, f
-
-    ok, counts, f = fits(cfg.max_sparsity)
-    if not ok:
+    best = counts_at(cfg.max_sparsity)
+    if not budget.fits(best):
         raise UnsupportedModuleError(
             f"{OWNER}: flops_target {cfg.flops_target} is out of reach; pruning every group to "
-            f"max_sparsity {cfg.max_sparsity} keeps {f / reference:.3f} of the FLOPs. Raise "
+            f"max_sparsity {cfg.max_sparsity} keeps {budget.kept(best):.3f} of the FLOPs. Raise "
             "max_sparsity, target more layers or ask for a larger flops_target."
         )
-    lo, hi, best = 0.0, cfg.max_sparsity, counts
+    lo, hi = 0.0, cfg.max_sparsity
     for _ in range(30):
         mid = (lo + hi) / 2
-        ok, counts, f = fits(mid)
-        if ok:
+        counts = counts_at(mid)
+        if budget.fits(counts):
             hi, best = mid, counts
         else:
             lo = mid
     if cfg.scope == "global":
         frozen = [f is not None for f in fixed]
-        best = refill(best, scores, cfg.round_to, within, frozen, costs)
-    return best, kept_fraction
+        best = refill(best, scores, cfg.round_to, budget.fits, frozen, costs)
+    return best, budget
 
 
 @technique(OWNER, StructuredConfig)
@@ -275,12 +282,12 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> n
 
     bn_batches: list[Batch] = []
     if cfg.flops_target is not None:
-        counts, flops_kept = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
+        counts, budget = _counts_for_flops(cfg, model, ctx, chosen, scores, fixed)
         if cfg.search_candidates:
             bn_batches, score_batches = _search_batches(cfg, ctx)
             counts = _search(model, cfg, ctx, plan_of, [len(s) for s in scores], fixed, counts,
-                             flops_kept, bn_batches, score_batches)  # fmt: skip
-        ctx.report("flops_kept_predicted", round(flops_kept(counts), 4))
+                             budget, bn_batches, score_batches)  # fmt: skip
+        ctx.report("flops_kept_predicted", round(budget.kept(counts), 4))
     else:
         counts = _counts(cfg, cfg.sparsity, scores, fixed)
     shrink_modules(model, *plan_of(counts))
@@ -335,14 +342,12 @@ def _search(
     sizes: list[int],
     fixed: list[float | None],
     first: Counts,
-    flops_kept: Callable[[Counts], float],
+    budget: FlopsBudget,
     bn_batches: list[Batch],
     score_batches: list[Batch],
 ) -> Counts:
     """The EagleEye search (:mod:`.search`) around the importance allocation ``first``;
     reported as ``search``."""
-    assert cfg.flops_target is not None
-    target = cfg.flops_target
 
     def build(counts: Counts) -> nn.Module:
         clone = copy.deepcopy(model)
@@ -350,8 +355,8 @@ def _search(
         return clone
 
     def propose(generator: torch.Generator) -> Counts | None:
-        return random_counts(sizes, fixed, cfg.max_sparsity, cfg.round_to,
-                             lambda c: flops_kept(c) <= target, generator)  # fmt: skip
+        return random_counts(sizes, fixed, cfg.max_sparsity, cfg.round_to, budget.fits,
+                             generator)  # fmt: skip
 
     counts, report = search_allocation(
         first, propose, build, candidates=cfg.search_candidates, bn_batches=bn_batches,
