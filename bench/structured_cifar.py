@@ -106,6 +106,9 @@ class ModelpressArm:
     distill: bool = False
     steps: int = 1
     hints: tuple[str, ...] = ()  # layers whose outputs distill.hint pulls to the teacher's
+    # the teacher: the baseline, or the logit mean of this many baselines fine-tuned from the
+    # checkpoint with seeds seed, seed + 1, ... (hints still pair with the baseline)
+    teachers: int = 1
 
 
 L2, PER_FLOP = {"scope": "global", "importance": "l2"}, {"flops_aware": True}
@@ -126,6 +129,7 @@ MODELPRESS_ARMS = {
     "modelpress-l2-search-kd-hint": ModelpressArm(L2 | SEARCH, distill=True, hints=STAGE_HINTS),
     "modelpress-l2-stream-kd-hint": ModelpressArm(L2 | STREAM, distill=True, hints=STAGE_HINTS),
     "modelpress-l2-inner-kd-hint": ModelpressArm(L2 | INNER, distill=True, hints=STAGE_HINTS),
+    "modelpress-l2-kd3-hint": ModelpressArm(L2, distill=True, hints=STAGE_HINTS, teachers=3),
     "modelpress-l2-perflop": ModelpressArm(L2 | PER_FLOP),
     "modelpress-l2-perflop-kd": ModelpressArm(L2 | PER_FLOP, distill=True),
     "modelpress-l2-iter": ModelpressArm(L2, steps=ITER_STEPS),
@@ -199,7 +203,9 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
         if distills:
             stages.append(mp.Stage.of("distill.kd"))
         if distills and arm.hints:  # pruned layers' outputs pulled to the teacher's
-            stages.append(mp.Stage.of("distill.hint", pairs={n: n for n in arm.hints}))
+            member = "members.0." if arm.teachers > 1 else ""  # the baseline in an ensemble
+            pairs = {n: member + n for n in arm.hints}
+            stages.append(mp.Stage.of("distill.hint", pairs=pairs))
         if finetune:
             stages.append(mp.Stage.of("train", **train))
     options = arm.options
@@ -209,21 +215,23 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
     ranking += "-stream" if whole == STREAM["layer_sparsity"] else "-inner" if whole else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
     hints = {(): "", STAGE_HINTS: "-hint", BLOCK_HINTS: "-blockhint"}[arm.hints if distills else ()]
-    kd = ("-kd" if distills else "") + hints
+    kd = (f"-kd{arm.teachers if arm.teachers > 1 else ''}" if distills else "") + hints
     name = (f"structured-{options['scope']}-{options['importance']}{ranking}-flops{FLOPS_KEEP}"
             f"{steps}{kd}")  # fmt: skip
     return mp.Recipe(stages=tuple(stages), name=name)
 
 
 def run_modelpress(baseline: nn.Module, splits: Splits, settings: Settings, arm: str, seed: int,
-                   out: Path, ev: Evaluator) -> dict[str, Any]:  # fmt: skip
+                   out: Path, ev: Evaluator,
+                   teacher: list[nn.Module] | None = None) -> dict[str, Any]:  # fmt: skip
     """``compress(baseline, [prune.structured, (distill.kd,) train] × steps)`` on the augmented
-    batches (accuracy "after pruning" is after the first step); the model is saved as an artifact and reloaded (the reloaded one is what gets
-    measured)."""
+    batches (accuracy "after pruning" is after the first step), distilling from ``teacher``
+    (an ensemble) or else the baseline; the model is saved as an artifact and reloaded (the
+    reloaded one is what gets measured)."""
     recipe = modelpress_recipe(settings, MODELPRESS_ARMS[arm])
     example = splits.eval_inputs[:1]
     batches = splits.batches(settings, seed)
-    result = mp.compress(baseline, recipe, data=batches, evaluate=ev,
+    result = mp.compress(baseline, recipe, data=batches, evaluate=ev, teacher=teacher,
                          example_inputs=example, seed=seed, latency_runs=0)  # fmt: skip
     path = result.save(out / "artifact")
     loaded = mp.load(path).eval()
@@ -370,7 +378,13 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
     if arm == "torch-pruning":
         record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
     else:
-        record = run_modelpress(baseline, splits, settings, arm, args.seed, work / arm, ev)
+        members = MODELPRESS_ARMS[arm].teachers
+        teacher = [baseline] + [  # more baselines, fine-tuned (or reused) with the next seeds
+            run_baseline(splits, root, settings, args.seed + i, work, ev)[0].eval()
+            for i in range(1, members)
+        ] if members > 1 else None  # fmt: skip
+        record = run_modelpress(baseline, splits, settings, arm, args.seed, work / arm, ev,
+                                teacher)  # fmt: skip
     record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
                "eval_images": ev.images}  # fmt: skip
     log(f"{arm}: {record['seconds']:.0f} s; {splits.split} accuracy after pruning "
