@@ -211,8 +211,8 @@ def modelpress_recipe(settings: Settings, arm: ModelpressArm, finetune: bool = T
     options = arm.options
     ranking = "-perflop" if options.get("flops_aware") else ""
     ranking += "-search" if options.get("search_candidates") else ""
-    whole = options.get("layer_sparsity")
-    ranking += "-stream" if whole == STREAM["layer_sparsity"] else "-inner" if whole else ""
+    for suffix, pinned in (("-stream", STREAM), ("-inner", INNER)):
+        ranking += suffix if options.get("layer_sparsity") == pinned["layer_sparsity"] else ""
     steps = f"-{arm.steps}steps" if arm.steps > 1 else ""
     hints = {(): "", STAGE_HINTS: "-hint", BLOCK_HINTS: "-blockhint"}[arm.hints if distills else ()]
     kd = (f"-kd{arm.teachers if arm.teachers > 1 else ''}" if distills else "") + hints
@@ -378,11 +378,11 @@ def run_arm(arm: str, args: argparse.Namespace, settings: Settings, baseline_pat
     if arm == "torch-pruning":
         record = run_torch_pruning(baseline, splits, settings, args.seed, work / arm, ev)
     else:
-        members = MODELPRESS_ARMS[arm].teachers
-        teacher = [baseline] + [  # more baselines, fine-tuned (or reused) with the next seeds
-            run_baseline(splits, root, settings, args.seed + i, work, ev)[0].eval()
-            for i in range(1, members)
-        ] if members > 1 else None  # fmt: skip
+        teacher = None
+        if MODELPRESS_ARMS[arm].teachers > 1:  # more baselines, fine-tuned with the next seeds
+            seeds = range(args.seed + 1, args.seed + MODELPRESS_ARMS[arm].teachers)
+            extra = [run_baseline(splits, root, settings, s, work, ev)[0].eval() for s in seeds]
+            teacher = [baseline, *extra]
         record = run_modelpress(baseline, splits, settings, arm, args.seed, work / arm, ev,
                                 teacher)  # fmt: skip
     record |= {"seconds": time.perf_counter() - start, "eval_seconds": ev.seconds,
