@@ -36,6 +36,7 @@ from modelpress.techniques.pruning.structured.plan import (
     kept_channels,
     layer_counts,
     layer_flops,
+    least_that_fits,
     predicted_flops,
     refill,
     round_counts,
@@ -232,21 +233,14 @@ def _counts_for_flops(
     def counts_at(s: float) -> Counts:
         return _counts(cfg, s, scores, fixed, costs, nearest=True)
 
-    best = counts_at(cfg.max_sparsity)
-    if not budget.fits(best):
+    best = least_that_fits(counts_at, cfg.max_sparsity, budget.fits)
+    if best is None:
+        most = budget.kept(counts_at(cfg.max_sparsity))
         raise UnsupportedModuleError(
             f"{OWNER}: flops_target {cfg.flops_target} is out of reach; pruning every group to "
-            f"max_sparsity {cfg.max_sparsity} keeps {budget.kept(best):.3f} of the FLOPs. Raise "
+            f"max_sparsity {cfg.max_sparsity} keeps {most:.3f} of the FLOPs. Raise "
             "max_sparsity, target more layers or ask for a larger flops_target."
         )
-    lo, hi = 0.0, cfg.max_sparsity
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        counts = counts_at(mid)
-        if budget.fits(counts):
-            hi, best = mid, counts
-        else:
-            lo = mid
     if cfg.scope == "global":
         frozen = [f is not None for f in fixed]
         best = refill(best, scores, cfg.round_to, budget.fits, frozen, costs)

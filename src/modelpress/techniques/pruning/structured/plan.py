@@ -93,6 +93,29 @@ def round_counts(
     return out
 
 
+def least_that_fits(
+    counts_at: Callable[[float], Counts],
+    hi: float,
+    fits: Callable[[Counts], bool],
+    steps: int = 30,
+) -> Counts | None:
+    """Bisection on ``x`` in ``[0, hi]`` for the smallest ``x`` whose ``counts_at(x)`` fit
+    (more ``x`` removes more channels, so fitting is taken as monotone in ``x``); those
+    counts, or None when even ``counts_at(hi)`` does not fit."""
+    best = counts_at(hi)
+    if not fits(best):
+        return None
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        counts = counts_at(mid)
+        if fits(counts):
+            hi, best = mid, counts
+        else:
+            lo = mid
+    return best
+
+
 def refill(
     counts: Counts,
     scores: Sequence[torch.Tensor],

@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from modelpress.context import Batch, LossFn, forward
-from modelpress.techniques.pruning.structured.plan import Counts, layer_counts, round_counts
+from modelpress.techniques.pruning.structured.plan import (
+    Counts,
+    layer_counts,
+    least_that_fits,
+    round_counts,
+)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Sequence[Batch]) -> None:
@@ -84,13 +89,7 @@ def random_counts(
         fractions = [min(a * r, cap) if f is None else f for r, f in zip(draws, fixed, strict=True)]
         return round_counts(sizes, layer_counts(sizes, fractions, cap), round_to, nearest=True)
 
-    lo, hi = 0.0, cap / min(draws)
-    if not fits(counts(hi)):
-        return None
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(counts(mid)) else (mid, hi)
-    return counts(hi)
+    return least_that_fits(counts, cap / min(draws), fits)
 
 
 def search_allocation(
